@@ -1,0 +1,213 @@
+"""The public functions: checks, train/eval switch and the running-statistics update."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks
+from jaxbn._core import (
+    _FORWARD_MODE_HINT,
+    BatchNormResiduals,
+    _affine,
+    _bwd,
+    _Config,
+    _fwd,
+    _train,
+)
+from jaxbn._state import BatchNormState
+
+
+def _groups(axis_index_groups, axis_name):
+    if axis_index_groups is None:
+        return None
+    if axis_name is None:
+        raise ValueError(
+            "axis_index_groups was given without axis_name; pass the named axis "
+            "that the groups index."
+        )
+    return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+
+
+def _config(x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask):
+    x = _checks.check_x(x)
+    axes = _checks.normalize_axes(axis, x.ndim)
+    fshape = tuple(x.shape[a] for a in axes)
+    gamma = _checks.check_per_feature("gamma", gamma, fshape)
+    beta = _checks.check_per_feature("beta", beta, fshape)
+    mask = _checks.check_mask(mask, x.shape)
+    cfg = _Config(
+        axes,
+        _checks.check_eps(eps),
+        axis_name,
+        _groups(axis_index_groups, axis_name),
+        None if beta is None else beta.dtype,
+    )
+    return cfg, x, gamma, beta, mask
+
+
+def _vary_like_x(v, x, axis_name):
+    """Under shard_map, marks a replicated ``v`` as varying along x's batch axes.
+
+    The custom rule returns this device's share of dgamma; shard_map accepts it
+    only for a varying input, and autodiff then psums the shares, exactly as it
+    does for ``gamma * xhat`` written in plain jnp.
+    """
+    if v is None or axis_name is None:
+        return v
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    varying = lambda t: getattr(getattr(jax.typeof(t), "mat", None), "varying", ())  # noqa: E731
+    xv, vv = varying(x), varying(v)
+    missing = tuple(a for a in names if a in xv and a not in vv)
+    return lax.pcast(v, missing, to="varying") if missing else v
+
+
+def _update(state: BatchNormState, mean, var, count, momentum) -> BatchNormState:
+    """running = momentum * running + (1 - momentum) * batch, in the state's dtype."""
+    dt = state.mean.dtype
+    if momentum is None:  # cumulative average, PyTorch's momentum=None
+        w = 1 / (state.count.astype(dt) + 1)
+        keep = 1 - w
+    else:
+        keep, w = jnp.asarray(momentum, dt), jnp.asarray(1 - momentum, dt)
+    new_mean = keep * state.mean + w * mean.astype(dt)
+    new_var = keep * state.var + w * var.astype(dt)
+    if jnp.ndim(count) > 0:  # masked: a feature that saw no value keeps its statistics
+        seen = count > 0
+        new_mean = jnp.where(seen, new_mean, state.mean)
+        new_var = jnp.where(seen, new_var, state.var)
+    return BatchNormState(new_mean, new_var, state.count + 1)
+
+
+def batch_norm(
+    x,
+    gamma,
+    beta,
+    state: BatchNormState,
+    *,
+    training: bool,
+    axis=-1,
+    momentum: float | None = 0.9,
+    eps: float = 1e-5,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    custom_vjp: bool = True,
+):
+    """Batch normalization with explicit running statistics.
+
+    Training (``training=True``) normalizes with the statistics of this batch::
+
+        y = gamma * (x - mean) / sqrt(var + eps) + beta
+        new_state.mean = momentum * state.mean + (1 - momentum) * mean
+
+    (and the same for ``var``, the biased batch variance). Evaluation uses the
+    running statistics, in the centred form ``(x - state.mean) * scale + beta`` with
+    ``scale = gamma / sqrt(state.var + eps)``, and returns ``state`` unchanged.
+
+    ``axis`` names the *feature* axes, which are kept: the statistics reduce over
+    every other axis (haiku and ``jax.nn.standardize`` use ``axis`` for the reduced
+    axes instead). ``momentum`` is the weight on the old value (PyTorch's is
+    ``1 - momentum``).
+
+    Args:
+      x: floating array, e.g. ``(N, C)``, NHWC ``(N, H, W, C)`` with ``axis=-1`` or
+        NCHW ``(N, C, H, W)`` with ``axis=1``; no transpose happens.
+      gamma: scale, shape ``x.shape[axis]``, or None for no scale.
+      beta: offset, shape ``x.shape[axis]``, or None for no offset.
+      state: :class:`jaxbn.BatchNormState` from :func:`jaxbn.init_state`.
+      training: required Python bool: batch statistics (True) or running ones.
+      axis: feature axis, or tuple of feature axes.
+      momentum: in ``[0, 1]``, or None for a cumulative average over updates.
+      eps: added to the variance, finite and > 0.
+      axis_name: named axis (``shard_map``, ``pmap``, ``vmap``) whose devices hold
+        parts of one batch: statistics are those of the whole batch, counted
+        exactly when devices hold unequal numbers of masked-in values.
+      axis_index_groups: groups of devices along ``axis_name`` that share
+        statistics, as for ``lax.psum``.
+      mask: boolean, broadcastable to ``x``: the values that count toward the
+        statistics (all of them are normalized).
+      custom_vjp: use the hand-derived backward (default). False differentiates
+        the same computation with JAX's autodiff, which pure forward mode
+        (``jax.jvp``, ``jax.jacfwd`` of batch_norm) needs; forward-over-reverse
+        (``jax.hessian``, Hessian-vector products) works either way.
+
+    Returns:
+      ``(y, new_state)``: ``y`` has the shape and dtype of ``x``; ``new_state``
+      has the shapes and dtypes of ``state``.
+
+    Raises:
+      TypeError, ValueError: for arguments that do not fit, before tracing.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbn
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> y, state = jaxbn.batch_norm(x, None, None, jaxbn.init_state(2), training=True)
+      >>> y.round(3)
+      Array([[-1., -1.],
+             [ 1.,  1.]], dtype=float32)
+      >>> state.mean
+      Array([0.2, 2. ], dtype=float32)
+    """
+    training = _checks.check_training(training)
+    cfg, x, gamma, beta, mask = _config(
+        x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
+    )
+    _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
+    momentum = _checks.check_momentum(momentum)
+    if not training:
+        rstd = lax.rsqrt(state.var + cfg.eps)
+        return _affine(x, state.mean, None, rstd, gamma, beta, cfg.axes), state
+    _checks.check_batch_size(x.shape, [i for i in range(x.ndim) if i not in cfg.axes], axis_name)
+    if custom_vjp:
+        gamma = _vary_like_x(gamma, x, axis_name)
+        beta = _vary_like_x(beta, x, axis_name)
+        try:
+            y, mean, var, count = _train(cfg, x, gamma, beta, mask)
+        except TypeError as err:
+            if "forward-mode" not in str(err):
+                raise
+            raise TypeError(_FORWARD_MODE_HINT) from err
+    else:
+        y, mean, var, count = _fwd(cfg, x, gamma, beta, mask)[0]
+    return y, _update(state, mean, var, count, momentum)
+
+
+def batch_norm_fwd(
+    x, gamma, beta, *, axis=-1, eps=1e-5, axis_name=None, axis_index_groups=None, mask=None
+):
+    """The training-mode forward of the custom rule, for inspection and notebooks.
+
+    Returns:
+      ``((y, mean, var, count), residuals)``: the normalized output, the batch
+      mean and biased variance (feature shape, float32 or wider), the number of
+      values counted, and the
+      :class:`BatchNormResiduals` that :func:`batch_norm_bwd` takes.
+    """
+    cfg, x, gamma, beta, mask = _config(
+        x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
+    )
+    return _fwd(cfg, x, gamma, beta, mask)
+
+
+def batch_norm_bwd(
+    residuals: BatchNormResiduals, dy, dmean=None, dvar=None, *, axis=-1,
+    axis_name=None, axis_index_groups=None,
+):
+    """The hand-derived backward (see ``jaxbn._core`` for the derivation).
+
+    Args:
+      residuals: from :func:`batch_norm_fwd` with the same ``axis``.
+      dy: cotangent of ``y``, the shape of ``x``.
+      dmean, dvar: cotangents of the batch statistics, or None for zero.
+
+    Returns:
+      ``(dx, dgamma, dbeta)``; ``dgamma`` is None when ``gamma`` was None.
+    """
+    x = residuals.x
+    axes = _checks.normalize_axes(axis, x.ndim)
+    zeros = jnp.zeros_like(residuals.rstd)
+    cfg = _Config(axes, 1.0, axis_name, _groups(axis_index_groups, axis_name), residuals.rstd.dtype)
+    cts = (dy, zeros if dmean is None else dmean, zeros if dvar is None else dvar)
+    return _bwd(cfg, residuals, cts)

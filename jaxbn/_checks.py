@@ -1,0 +1,172 @@
+"""Argument checks, run on static shapes and dtypes before anything reaches XLA.
+
+Every check raises one sentence: the argument, what was received, what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def feature_shape_of(num_features) -> tuple[int, ...]:
+    """Validates ``num_features`` (an int or tuple of ints) and returns it as a shape."""
+    dims = num_features if isinstance(num_features, tuple) else (num_features,)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(
+                f"num_features must be an int or a tuple of ints, got {num_features!r}."
+            )
+        if d <= 0:
+            raise ValueError(
+                f"num_features must be positive, got {num_features!r}."
+            )
+    return tuple(int(d) for d in dims)
+
+
+def check_state_dtype(name: str, dtype) -> np.dtype:
+    """Statistics live in float32 or float64, never lower."""
+    dt = np.dtype(dtype) if dtype is not None else None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(
+            f"{name} must be float32 or float64 (statistics are kept in at least "
+            f"float32), got {dtype}."
+        )
+    return dt
+
+
+def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
+    """Returns the feature axes as a sorted tuple of non-negative ints."""
+    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    out = []
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+            raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis {a} is out of range for x with {ndim} dimensions; expected "
+                f"a value in [{-ndim}, {ndim})."
+            )
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis must not repeat a dimension, got {axis!r}.")
+    return tuple(sorted(out))
+
+
+def check_x(x) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"x must be a floating-point array, got dtype {x.dtype}; cast it first, "
+            f"e.g. x.astype(jnp.float32)."
+        )
+    return x
+
+
+def check_per_feature(name: str, v, feature_shape: tuple[int, ...]):
+    """gamma, beta: None or a floating array of exactly the feature shape."""
+    if v is None:
+        return None
+    v = jnp.asarray(v)
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array or None, got dtype {v.dtype}.")
+    if v.shape != feature_shape:
+        raise ValueError(
+            f"{name} has shape {v.shape}, but x has feature shape {feature_shape} "
+            f"along axis; expected {name}.shape == {feature_shape}."
+        )
+    return v
+
+
+def check_state(state, feature_shape: tuple[int, ...]) -> None:
+    from jaxbn._state import BatchNormState
+
+    if not isinstance(state, BatchNormState):
+        raise TypeError(
+            f"state must be a jaxbn.BatchNormState (from jaxbn.init_state), got "
+            f"{type(state).__name__}."
+        )
+    for field in ("mean", "var"):
+        v = getattr(state, field)
+        if v.shape != feature_shape:
+            raise ValueError(
+                f"state.{field} has shape {v.shape}, but x has feature shape "
+                f"{feature_shape} along axis; create the state with "
+                f"jaxbn.init_state({feature_shape if len(feature_shape) != 1 else feature_shape[0]})."
+            )
+    check_state_dtype("state.mean dtype", state.mean.dtype)
+    if state.var.dtype != state.mean.dtype:
+        raise TypeError(
+            f"state.var has dtype {state.var.dtype} but state.mean has dtype "
+            f"{state.mean.dtype}; expected one dtype for both."
+        )
+    if jnp.shape(state.count) != () or not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
+        raise TypeError(
+            f"state.count must be an integer scalar, got shape {jnp.shape(state.count)} "
+            f"and dtype {jnp.result_type(state.count)}."
+        )
+
+
+def check_mask(mask, x_shape: tuple[int, ...]):
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}.")
+    try:
+        np.broadcast_shapes(mask.shape, x_shape)
+    except ValueError:
+        ok = False
+    else:
+        ok = len(mask.shape) <= len(x_shape) and np.broadcast_shapes(mask.shape, x_shape) == x_shape
+    if not ok:
+        raise ValueError(
+            f"mask has shape {mask.shape}, which does not broadcast to x's shape "
+            f"{x_shape}; expected a boolean array broadcastable to x."
+        )
+    return mask
+
+
+def check_training(training) -> bool:
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(
+            f"training must be a Python bool (True: batch statistics, False: running "
+            f"statistics), got {training!r} of type {type(training).__name__}."
+        )
+    return bool(training)
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (
+        math.isfinite(eps) and eps > 0
+    ):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}.")
+    return float(eps)
+
+
+def check_momentum(momentum, allow_none: bool = True):
+    if momentum is None and allow_none:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
+        0.0 <= momentum <= 1.0
+    ):
+        raise ValueError(
+            f"momentum must be a number in [0, 1] (the weight on the old running "
+            f"value) or None (cumulative average), got {momentum!r}."
+        )
+    return float(momentum)
+
+
+def check_batch_size(x_shape, reduce_axes, axis_name) -> None:
+    """Training needs two or more values per feature (PyTorch raises here too)."""
+    n = math.prod(x_shape[a] for a in reduce_axes)
+    if n <= 1 and axis_name is None:
+        raise ValueError(
+            f"training=True needs more than one value per feature to compute a "
+            f"variance, but x of shape {tuple(x_shape)} has {n} along the reduced "
+            f"axes {tuple(reduce_axes)}; use a larger batch or training=False."
+        )

@@ -1,0 +1,142 @@
+r"""Batch normalization as a pure function, with a hand-derived ``custom_vjp``.
+
+Forward, training mode. Per feature, over the ``n`` values that count (``m`` is the
+mask as 0/1, all ones without one; the statistics come from ``jaxbn._stats``)::
+
+    xc   = (x - shift) - delta          # = x - mean, mean = sum(m * x) / n
+    var  = sum(m * xc**2) / n           # biased, as in the notes
+    rstd = (var + eps) ** -0.5
+    y    = gamma * rstd * xc + beta
+
+The rule returns ``(y, mean, var, n)``. Backward. Given ``dy = dL/dy`` and the cotangents ``dmean``, ``dvar`` of the returned
+batch statistics (zero unless a loss reads the new running state), write
+``a = gamma * rstd``, ``S1 = sum(dy)`` and ``S2 = sum(dy * xc)``, the sums over
+every reduced position, masked or not (each output depends on the statistics)::
+
+    dbeta  = S1
+    dgamma = rstd * S2
+    dL/dmean = -a * S1 + dmean                    # dy_q/dmean = -a; dvar/dmean = 0
+    dL/dvar  = -a * rstd**2 * S2 / 2 + dvar       # dy_q/dvar = -a * rstd**2 * xc_q / 2
+    dx = a * dy + m / n * (dL/dmean + 2 * xc * dL/dvar)   # dmean/dx = m/n, dvar/dx = 2 m xc/n
+       = a * dy + m * (k0 + k1 * xc),
+         k0 = (dmean - a * S1) / n,   k1 = (2 * dvar - a * rstd**2 * S2) / n
+
+This is the notes' closed form (``batchnorm_backward_alt``) with the mask and the
+statistics' cotangents added; their staged version multiplies two branches that
+must be added (see ERRATA). The residuals are ``x`` itself and per-feature vectors:
+``xc`` is recomputed, so nothing of the input's size is stored twice, and both
+sums are read straight from ``x`` and ``dy``.
+
+Across devices (``axis_name``), ``n``, ``S1`` and ``S2`` are psum'd, since every
+device's outputs depend on the shared statistics; ``dgamma`` and ``dbeta`` stay this
+device's share, as autodiff of ``gamma * xhat + beta`` would give.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks
+from jaxbn._state import BatchNormState
+from jaxbn._stats import compute_dtype, expand, moments, psum
+
+_FORWARD_MODE_HINT = (
+    "forward-mode differentiation (jax.jvp, jax.jacfwd) of batch_norm cannot use "
+    "jaxbn's hand-derived reverse rule; pass custom_vjp=False to batch_norm to "
+    "differentiate the same forward computation with JAX's autodiff."
+)
+
+
+class BatchNormResiduals(NamedTuple):
+    """What the forward keeps for the backward: ``x`` and per-feature vectors."""
+
+    x: jax.Array  # input, any shape, its own dtype.
+    shift: jax.Array  # feature shape: see jaxbn._stats.
+    delta: jax.Array  # feature shape: mean - shift.
+    rstd: jax.Array  # feature shape: (var + eps) ** -0.5.
+    gamma: jax.Array | None  # feature shape, or None without scale.
+    mask: jax.Array | None  # boolean, broadcastable to x, or None.
+    count: jax.Array  # () or feature shape: n, over all devices.
+
+
+class _Config(NamedTuple):
+    axes: tuple[int, ...]  # feature axes, sorted, non-negative.
+    eps: float
+    axis_name: object
+    groups: tuple[tuple[int, ...], ...] | None
+    beta_dtype: object  # numpy dtype of beta, or None without offset.
+
+
+def _affine(x, shift, delta, rstd, gamma, beta, axes):
+    """y = gamma * rstd * ((x - shift) - delta) + beta, in float32 or wider."""
+    dt = compute_dtype(x.dtype)
+    e = functools.partial(expand, ndim=x.ndim, feature_axes=axes)
+    scale = rstd if gamma is None else rstd * gamma.astype(dt)
+    xc = x.astype(dt) - e(shift)
+    if delta is not None:
+        xc = xc - e(delta)
+    y = xc * e(scale)
+    if beta is not None:
+        y = y + e(beta.astype(dt))
+    return y.astype(x.dtype)
+
+
+def _fwd(cfg: _Config, x, gamma, beta, mask):
+    mo = moments(x, cfg.axes, mask, cfg.axis_name, cfg.groups)
+    rstd = lax.rsqrt(mo.var + cfg.eps)
+    y = _affine(x, mo.shift, mo.delta, rstd, gamma, beta, cfg.axes)
+    res = BatchNormResiduals(x, mo.shift, mo.delta, rstd, gamma, mask, mo.count)
+    return (y, mo.mean, mo.var, mo.count), res
+
+
+def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
+    x, shift, delta, rstd, gamma, mask, n = res
+    dy, dmean, dvar = cotangents[:3]  # the count's cotangent, if any, is ignored
+    dt = compute_dtype(x.dtype)
+    e = functools.partial(expand, ndim=x.ndim, feature_axes=cfg.axes)
+    red = tuple(i for i in range(x.ndim) if i not in cfg.axes)
+
+    xc = (x.astype(dt) - e(shift)) - e(delta)
+    dy32 = dy.astype(dt)
+    s_dy = jnp.sum(dy32, red)
+    s_dyxc = jnp.sum(dy32 * xc, red)
+    try:
+        S1, S2 = psum((s_dy, s_dyxc), cfg.axis_name, cfg.groups)
+    except NameError as err:
+        raise ValueError(
+            f"axis_name {cfg.axis_name!r} is not bound where the gradient is taken: "
+            f"take jax.grad inside the named jax.vmap, or pass custom_vjp=False."
+        ) from err
+    a = rstd if gamma is None else rstd * gamma.astype(dt)
+    n1 = jnp.maximum(n, 1)
+    k0 = (dmean.astype(dt) - a * S1) / n1
+    k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
+    stat_term = e(k0) + xc * e(k1)
+    if mask is not None:
+        stat_term = jnp.where(mask, stat_term, 0)
+    dx = (e(a) * dy32 + stat_term).astype(x.dtype)
+    dgamma = None if gamma is None else (rstd * s_dyxc).astype(gamma.dtype)
+    dbeta = None if cfg.beta_dtype is None else s_dy.astype(cfg.beta_dtype)
+    return dx, dgamma, dbeta
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _train(cfg, x, gamma, beta, mask):
+    return _fwd(cfg, x, gamma, beta, mask)[0]
+
+
+def _train_fwd(cfg, x, gamma, beta, mask):
+    return _fwd(cfg, x, gamma, beta, mask)
+
+
+def _train_bwd(cfg, res, cotangents):
+    dx, dgamma, dbeta = _bwd(cfg, res, cotangents)
+    return dx, dgamma, dbeta, None
+
+
+_train.defvjp(_train_fwd, _train_bwd)

@@ -1,0 +1,49 @@
+"""Oracles that share no code with jaxbn: plain-jnp batch norm and NumPy float64 statistics."""
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def reduce_axes(ndim, axis):
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    axes = {a % ndim for a in axes}
+    return tuple(i for i in range(ndim) if i not in axes)
+
+
+def bn_ref(x, gamma, beta, axis=-1, eps=1e-5, mask=None):
+    """Textbook two-pass batch norm in plain jnp; returns (y, mean, var)."""
+    red = reduce_axes(x.ndim, axis)
+    keep = [1 if i in red else s for i, s in enumerate(x.shape)]
+    if mask is None:
+        mean = jnp.mean(x, red, keepdims=True)
+        var = jnp.mean((x - mean) ** 2, red, keepdims=True)
+    else:
+        m = jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+        n = jnp.sum(m, red, keepdims=True)
+        mean = jnp.sum(m * x, red, keepdims=True) / n
+        var = jnp.sum(m * (x - mean) ** 2, red, keepdims=True) / n
+    y = (x - mean) / jnp.sqrt(var + eps)
+    if gamma is not None:
+        y = y * jnp.reshape(gamma, keep)
+    if beta is not None:
+        y = y + jnp.reshape(beta, keep)
+    fshape = [s for i, s in enumerate(x.shape) if i not in red]
+    return y, jnp.reshape(mean, fshape), jnp.reshape(var, fshape)
+
+
+def np_stats(x, axis=-1, mask=None):
+    """Float64 NumPy mean and biased variance over the non-feature axes."""
+    x = np.asarray(x, np.float64)
+    red = reduce_axes(x.ndim, axis)
+    if mask is None:
+        return x.mean(red), x.var(red)
+    m = np.broadcast_to(np.asarray(mask), x.shape).astype(np.float64)
+    n = m.sum(red)
+    mean = (m * x).sum(red) / n
+    keep = np.expand_dims(mean, red)
+    return mean, (m * (x - keep) ** 2).sum(red) / n
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)

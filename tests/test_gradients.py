@@ -1,0 +1,189 @@
+"""The hand-derived backward against autodiff of an independent plain-jnp reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxbn
+from jaxbn._core import _bwd as _real_bwd
+from reference import bn_ref, reduce_axes, rel_err
+
+# (shape, feature axis): (N, D), NHWC, NCHW, two feature axes, a leading feature axis.
+LAYOUTS = [
+    ((16, 5), -1),
+    ((4, 3, 3, 6), -1),
+    ((4, 6, 3, 3), 1),
+    ((6, 4, 3), (1, 2)),
+    ((3, 5, 4), 0),
+]
+TOL = {jnp.float32: 1e-5, jnp.float64: 1e-10}
+
+
+def make(shape, axis, dtype, affine, seed=0, masked=False):
+    rs = np.random.RandomState(seed)
+    x = rs.randn(*shape) * 3 + 2
+    red = reduce_axes(len(shape), axis)
+    fshape = tuple(s for i, s in enumerate(shape) if i not in red)
+    gamma = jnp.asarray(rs.rand(*fshape) + 0.5, dtype) if affine else None
+    beta = jnp.asarray(rs.randn(*fshape), dtype) if affine else None
+    mask = None
+    if masked:
+        # per-position mask, with every feature keeping at least two values
+        m = rs.rand(*shape) > 0.4
+        m.reshape(-1)[: 2 * int(np.prod(fshape)) or 2] = True
+        mask = jnp.asarray(m)
+    return jnp.asarray(x, dtype), gamma, beta, mask, fshape
+
+
+def outputs(fn, x, gamma, beta, mask, axis):
+    """(y, batch mean, batch var) from jaxbn; momentum=0 makes new state = batch stats."""
+    state = jaxbn.init_state(tuple(x.shape[a] for a in sorted(np.atleast_1d(np.array(axis)) % x.ndim)), x.dtype if x.dtype == jnp.float64 else jnp.float32)
+    y, s = fn(x, gamma, beta, state, training=True, axis=axis, momentum=0.0, mask=mask)
+    return y, s.mean, s.var
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_vjp_matches_reference(dtype, shape, axis, affine, masked):
+    with jax.enable_x64(dtype == jnp.float64):
+        x, gamma, beta, mask, fshape = make(shape, axis, dtype, affine, masked=masked)
+        rs = np.random.RandomState(1)
+        cts = (
+            jnp.asarray(rs.randn(*shape), dtype),
+            jnp.asarray(rs.randn(*fshape), dtype),
+            jnp.asarray(rs.randn(*fshape), dtype),
+        )
+
+        def ours(x, gamma, beta):
+            y, mean, var = outputs(jaxbn.batch_norm, x, gamma, beta, mask, axis)
+            return y, mean.astype(dtype), var.astype(dtype)
+
+        def ref(x, gamma, beta):
+            return bn_ref(x, gamma, beta, axis, mask=mask)
+
+        out, vjp = jax.vjp(ours, x, gamma, beta)
+        out_ref, vjp_ref = jax.vjp(ref, x, gamma, beta)
+        for a, b in zip(out, out_ref):
+            assert rel_err(a, b) < TOL[dtype]
+        for a, b in zip(vjp(cts), vjp_ref(cts)):
+            if b is None:
+                assert a is None
+            else:
+                assert a.dtype == b.dtype and rel_err(a, b) < TOL[dtype]
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_check_grads_second_order(shape, axis):
+    with jax.enable_x64(True):
+        x, gamma, beta, _, _ = make(shape, axis, jnp.float64, True)
+        w = jnp.asarray(np.random.RandomState(2).randn(*shape))
+
+        def f(x, gamma, beta):
+            y, _ = jaxbn.batch_norm(
+                x, gamma, beta, jaxbn.init_state(gamma.shape, jnp.float64), training=True, axis=axis
+            )
+            return y * w
+
+        check_grads(f, (x, gamma, beta), order=2, modes=["rev"])
+
+
+def test_grad_of_grad_matches_reference():
+    with jax.enable_x64(True):
+        x, gamma, beta, _, _ = make((12, 4), -1, jnp.float64, True)
+        w = jnp.asarray(np.random.RandomState(3).randn(12, 4))
+        loss = lambda x, g: jnp.sum(jnp.sin(jaxbn.batch_norm(x, g, beta, jaxbn.init_state(4, jnp.float64), training=True)[0]) * w)  # noqa: E731
+        loss_ref = lambda x, g: jnp.sum(jnp.sin(bn_ref(x, g, beta)[0]) * w)  # noqa: E731
+        outer = lambda f: jax.grad(lambda x, g: jnp.sum(jax.grad(f, (0, 1))(x, g)[0] ** 2), (0, 1))  # noqa: E731
+        for a, b in zip(outer(loss)(x, gamma), outer(loss_ref)(x, gamma)):
+            assert rel_err(a, b) < 1e-10
+
+
+def test_value_and_grad_uses_the_custom_rule(monkeypatch):
+    import jaxbn._core as core
+
+    calls = []
+    monkeypatch.setattr(core, "_bwd", lambda *a: calls.append(1) or _real_bwd(*a))
+    x, gamma, beta, _, _ = make((16, 5), -1, jnp.float32, True)
+    w = jnp.asarray(np.random.RandomState(4).randn(16, 5), jnp.float32)
+    f = lambda x, g, b: jnp.sum(jaxbn.batch_norm(x, g, b, jaxbn.init_state(5), training=True)[0] * w)  # noqa: E731
+    (v, g), (v_ref, g_ref) = (
+        jax.value_and_grad(f, (0, 1, 2))(x, gamma, beta),
+        jax.value_and_grad(lambda x, g, b: jnp.sum(bn_ref(x, g, b)[0] * w), (0, 1, 2))(x, gamma, beta),
+    )
+    assert rel_err(v, v_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) < 1e-5
+    assert calls, "the gradient did not go through jaxbn._core._bwd"
+
+
+def test_public_fwd_bwd_equal_jax_vjp():
+    x, gamma, beta, _, _ = make((4, 6, 3, 3), 1, jnp.float32, True)
+    dy = jnp.asarray(np.random.RandomState(5).randn(4, 6, 3, 3), jnp.float32)
+    (y, mean, var, count), res = jaxbn.batch_norm_fwd(x, gamma, beta, axis=1)
+    dx, dgamma, dbeta = jaxbn.batch_norm_bwd(res, dy, axis=1)
+    y_ref, vjp = jax.vjp(lambda x, g, b: bn_ref(x, g, b, 1)[0], x, gamma, beta)
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip((dx, dgamma, dbeta), vjp(dy)):
+        assert rel_err(a, b) < 1e-5
+    assert float(count) == 4 * 3 * 3
+
+
+def test_residuals_hold_x_once():
+    x, gamma, beta, _, _ = make((64, 32), -1, jnp.float32, True)
+    _, res = jaxbn.batch_norm_fwd(x, gamma, beta)
+    full = [leaf for leaf in jax.tree.leaves(res) if leaf.size == x.size]
+    assert len(full) == 1 and full[0] is x
+
+
+def _forward_mode_case():
+    x, gamma, beta, _, _ = make((6, 3), -1, jnp.float64, True)
+    w = jnp.asarray(np.random.RandomState(6).randn(6, 3))
+    st = jaxbn.init_state(3, jnp.float64)
+
+    def loss(x, custom):
+        y = jaxbn.batch_norm(x, gamma, beta, st, training=True, custom_vjp=custom)[0]
+        return jnp.sum(jnp.tanh(y) * w)
+
+    return x, w, loss, lambda x: jnp.sum(jnp.tanh(bn_ref(x, gamma, beta)[0]) * w)
+
+
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
+def test_pure_forward_mode_through_the_documented_switch(transform):
+    with jax.enable_x64(True):
+        x, w, loss, ref = _forward_mode_case()
+        run = {
+            "jvp": lambda f: jax.jvp(f, (x,), (w,))[1],
+            "jacfwd": lambda f: jax.jacfwd(f)(x),
+        }[transform]
+        assert rel_err(run(lambda x: loss(x, False)), run(ref)) < 1e-10
+        with pytest.raises(TypeError, match="pass custom_vjp=False"):
+            run(lambda x: loss(x, True))
+
+
+@pytest.mark.parametrize("custom", [True, False])
+def test_forward_over_reverse_hessian_and_hvp(custom):
+    # jvp of the custom rule's vjp differentiates fwd and bwd: no switch needed.
+    with jax.enable_x64(True):
+        x, w, loss, ref = _forward_mode_case()
+        f = lambda x: loss(x, custom)  # noqa: E731
+        assert rel_err(jax.hessian(f)(x), jax.hessian(ref)(x)) < 1e-10
+        hvp = lambda f: jax.jvp(jax.grad(f), (x,), (w,))[1]  # noqa: E731
+        assert rel_err(hvp(f), hvp(ref)) < 1e-10
+
+
+def test_bfloat16_gradients_keep_dtypes():
+    x, gamma, beta, _, _ = make((32, 8), -1, jnp.float32, True)
+    w = jnp.asarray(np.random.RandomState(7).randn(32, 8), jnp.float32)
+    xb, gb, bb = (v.astype(jnp.bfloat16) for v in (x, gamma, beta))
+    f = lambda x, g, b: jnp.sum(jaxbn.batch_norm(x, g, b, jaxbn.init_state(8), training=True)[0].astype(jnp.float32) * w)  # noqa: E731
+    grads = jax.grad(f, (0, 1, 2))(xb, gb, bb)
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
+    grads_ref = jax.grad(lambda x, g, b: jnp.sum(bn_ref(x, g, b)[0] * w), (0, 1, 2))(
+        *(v.astype(jnp.float32) for v in (xb, gb, bb))
+    )
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 2e-2
