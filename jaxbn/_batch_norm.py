@@ -192,8 +192,14 @@ def batch_norm_fwd(
 
 
 def batch_norm_bwd(
-    residuals: BatchNormResiduals, dy, dmean=None, dvar=None, *, axis=-1,
-    axis_name=None, axis_index_groups=None,
+    residuals: BatchNormResiduals,
+    dy,
+    dmean=None,
+    dvar=None,
+    *,
+    axis=-1,
+    axis_name=None,
+    axis_index_groups=None,
 ):
     """The hand-derived backward (see ``jaxbn._core`` for the derivation).
 

@@ -22,9 +22,7 @@ def feature_shape_of(num_features) -> tuple[int, ...]:
                 f"num_features must be an int or a tuple of ints, got {num_features!r}."
             )
         if d <= 0:
-            raise ValueError(
-                f"num_features must be positive, got {num_features!r}."
-            )
+            raise ValueError(f"num_features must be positive, got {num_features!r}.")
     return tuple(int(d) for d in dims)
 
 
@@ -104,7 +102,9 @@ def check_state(state, feature_shape: tuple[int, ...]) -> None:
             f"state.var has dtype {state.var.dtype} but state.mean has dtype "
             f"{state.mean.dtype}; expected one dtype for both."
         )
-    if jnp.shape(state.count) != () or not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
+    if jnp.shape(state.count) != () or not jnp.issubdtype(
+        jnp.result_type(state.count), jnp.integer
+    ):
         raise TypeError(
             f"state.count must be an integer scalar, got shape {jnp.shape(state.count)} "
             f"and dtype {jnp.result_type(state.count)}."
@@ -140,10 +140,16 @@ def check_training(training) -> bool:
     return bool(training)
 
 
+def _static_number(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(
+            f"{name} must be a Python number (it is static configuration), got {type(v).__name__}."
+        )
+
+
 def check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (
-        math.isfinite(eps) and eps > 0
-    ):
+    _static_number("eps", eps)
+    if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}.")
     return float(eps)
 
@@ -151,9 +157,8 @@ def check_eps(eps) -> float:
 def check_momentum(momentum, allow_none: bool = True):
     if momentum is None and allow_none:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
-        0.0 <= momentum <= 1.0
-    ):
+    _static_number("momentum", momentum)
+    if not 0.0 <= momentum <= 1.0:
         raise ValueError(
             f"momentum must be a number in [0, 1] (the weight on the old running "
             f"value) or None (cumulative average), got {momentum!r}."

@@ -8,8 +8,9 @@ mask as 0/1, all ones without one; the statistics come from ``jaxbn._stats``)::
     rstd = (var + eps) ** -0.5
     y    = gamma * rstd * xc + beta
 
-The rule returns ``(y, mean, var, n)``. Backward. Given ``dy = dL/dy`` and the cotangents ``dmean``, ``dvar`` of the returned
-batch statistics (zero unless a loss reads the new running state), write
+The rule returns ``(y, mean, var, n)``. Backward. Given ``dy = dL/dy`` and the
+cotangents ``dmean``, ``dvar`` of the returned batch statistics (zero unless a loss
+reads the new running state; ``n`` gets none), write
 ``a = gamma * rstd``, ``S1 = sum(dy)`` and ``S2 = sum(dy * xc)``, the sums over
 every reduced position, masked or not (each output depends on the statistics)::
 
@@ -41,8 +42,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _checks
-from jaxbn._state import BatchNormState
 from jaxbn._stats import compute_dtype, expand, moments, psum
 
 _FORWARD_MODE_HINT = (
@@ -105,13 +104,7 @@ def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
     dy32 = dy.astype(dt)
     s_dy = jnp.sum(dy32, red)
     s_dyxc = jnp.sum(dy32 * xc, red)
-    try:
-        S1, S2 = psum((s_dy, s_dyxc), cfg.axis_name, cfg.groups)
-    except NameError as err:
-        raise ValueError(
-            f"axis_name {cfg.axis_name!r} is not bound where the gradient is taken: "
-            f"take jax.grad inside the named jax.vmap, or pass custom_vjp=False."
-        ) from err
+    S1, S2 = psum((s_dy, s_dyxc), cfg.axis_name, cfg.groups)
     a = rstd if gamma is None else rstd * gamma.astype(dt)
     n1 = jnp.maximum(n, 1)
     k0 = (dmean.astype(dt) - a * S1) / n1

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbn._checks import feature_shape_of, check_state_dtype
+from jaxbn._checks import check_state_dtype, feature_shape_of
 
 
 class BatchNormState(NamedTuple):

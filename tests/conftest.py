@@ -8,3 +8,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# run as a script by test_multiprocess.py, never imported by pytest
+collect_ignore = ["multiprocess_worker.py"]

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from reference import bn_ref, reduce_axes, rel_err
 
 import jaxbn
 from jaxbn._core import _bwd as _real_bwd
-from reference import bn_ref, reduce_axes, rel_err
 
 # (shape, feature axis): (N, D), NHWC, NCHW, two feature axes, a leading feature axis.
 LAYOUTS = [
@@ -39,7 +39,10 @@ def make(shape, axis, dtype, affine, seed=0, masked=False):
 
 def outputs(fn, x, gamma, beta, mask, axis):
     """(y, batch mean, batch var) from jaxbn; momentum=0 makes new state = batch stats."""
-    state = jaxbn.init_state(tuple(x.shape[a] for a in sorted(np.atleast_1d(np.array(axis)) % x.ndim)), x.dtype if x.dtype == jnp.float64 else jnp.float32)
+    state = jaxbn.init_state(
+        tuple(x.shape[a] for a in sorted(np.atleast_1d(np.array(axis)) % x.ndim)),
+        x.dtype if x.dtype == jnp.float64 else jnp.float32,
+    )
     y, s = fn(x, gamma, beta, state, training=True, axis=axis, momentum=0.0, mask=mask)
     return y, s.mean, s.var
 
@@ -95,7 +98,12 @@ def test_grad_of_grad_matches_reference():
     with jax.enable_x64(True):
         x, gamma, beta, _, _ = make((12, 4), -1, jnp.float64, True)
         w = jnp.asarray(np.random.RandomState(3).randn(12, 4))
-        loss = lambda x, g: jnp.sum(jnp.sin(jaxbn.batch_norm(x, g, beta, jaxbn.init_state(4, jnp.float64), training=True)[0]) * w)  # noqa: E731
+        loss = lambda x, g: jnp.sum(
+            jnp.sin(
+                jaxbn.batch_norm(x, g, beta, jaxbn.init_state(4, jnp.float64), training=True)[0]
+            )
+            * w
+        )  # noqa: E731
         loss_ref = lambda x, g: jnp.sum(jnp.sin(bn_ref(x, g, beta)[0]) * w)  # noqa: E731
         outer = lambda f: jax.grad(lambda x, g: jnp.sum(jax.grad(f, (0, 1))(x, g)[0] ** 2), (0, 1))  # noqa: E731
         for a, b in zip(outer(loss)(x, gamma), outer(loss_ref)(x, gamma)):
@@ -109,10 +117,14 @@ def test_value_and_grad_uses_the_custom_rule(monkeypatch):
     monkeypatch.setattr(core, "_bwd", lambda *a: calls.append(1) or _real_bwd(*a))
     x, gamma, beta, _, _ = make((16, 5), -1, jnp.float32, True)
     w = jnp.asarray(np.random.RandomState(4).randn(16, 5), jnp.float32)
-    f = lambda x, g, b: jnp.sum(jaxbn.batch_norm(x, g, b, jaxbn.init_state(5), training=True)[0] * w)  # noqa: E731
+    f = lambda x, g, b: jnp.sum(
+        jaxbn.batch_norm(x, g, b, jaxbn.init_state(5), training=True)[0] * w
+    )  # noqa: E731
     (v, g), (v_ref, g_ref) = (
         jax.value_and_grad(f, (0, 1, 2))(x, gamma, beta),
-        jax.value_and_grad(lambda x, g, b: jnp.sum(bn_ref(x, g, b)[0] * w), (0, 1, 2))(x, gamma, beta),
+        jax.value_and_grad(lambda x, g, b: jnp.sum(bn_ref(x, g, b)[0] * w), (0, 1, 2))(
+            x, gamma, beta
+        ),
     )
     assert rel_err(v, v_ref) < 1e-5
     for a, b in zip(g, g_ref):
@@ -179,7 +191,9 @@ def test_bfloat16_gradients_keep_dtypes():
     x, gamma, beta, _, _ = make((32, 8), -1, jnp.float32, True)
     w = jnp.asarray(np.random.RandomState(7).randn(32, 8), jnp.float32)
     xb, gb, bb = (v.astype(jnp.bfloat16) for v in (x, gamma, beta))
-    f = lambda x, g, b: jnp.sum(jaxbn.batch_norm(x, g, b, jaxbn.init_state(8), training=True)[0].astype(jnp.float32) * w)  # noqa: E731
+    f = lambda x, g, b: jnp.sum(
+        jaxbn.batch_norm(x, g, b, jaxbn.init_state(8), training=True)[0].astype(jnp.float32) * w
+    )  # noqa: E731
     grads = jax.grad(f, (0, 1, 2))(xb, gb, bb)
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
     grads_ref = jax.grad(lambda x, g, b: jnp.sum(bn_ref(x, g, b)[0] * w), (0, 1, 2))(

@@ -1,0 +1,217 @@
+"""Data parallel on 8 simulated CPU devices: the global batch's statistics and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from reference import rel_err
+
+import jaxbn
+
+ND = 8
+TOL = 1e-5
+
+
+def data(n=32, c=6, seed=0, spatial=False):
+    rs = np.random.RandomState(seed)
+    shape = (n, 3, 3, c) if spatial else (n, c)
+    x = jnp.asarray(rs.randn(*shape) * 2 + 1, jnp.float32)
+    w = jnp.asarray(rs.randn(*shape), jnp.float32)
+    return x, jnp.asarray(rs.rand(c) + 0.5, jnp.float32), jnp.asarray(rs.randn(c), jnp.float32), w
+
+
+def single(x, gamma, beta, w, mask=None):
+    """Reference: one device holding the whole batch."""
+
+    def loss(x, gamma, beta):
+        y, st = jaxbn.batch_norm(
+            x, gamma, beta, jaxbn.init_state(x.shape[-1]), training=True, mask=mask
+        )
+        return jnp.sum(y * w), (y, st)
+
+    (_, (y, st)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(x, gamma, beta)
+    return y, st, grads
+
+
+def assert_same(y, st, grads, ref):
+    y_r, st_r, grads_r = ref
+    assert rel_err(y, y_r) < TOL
+    assert rel_err(st.mean, st_r.mean) < TOL and rel_err(st.var, st_r.var) < TOL
+    assert int(st.count) == int(st_r.count)
+    for a, b in zip(grads, grads_r):
+        assert rel_err(a, b) < TOL
+
+
+def mesh():
+    assert jax.device_count() >= ND, "tests/conftest.py sets 8 simulated CPU devices"
+    return jax.make_mesh((ND,), ("batch",), axis_types=(AxisType.Auto,))
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_shard_map_equals_one_device(spatial, masked):
+    x, gamma, beta, w = data(spatial=spatial)
+    mask = None
+    if masked:
+        # unequal counts per device: device 0 keeps one row of its four, device 1 all
+        m = np.ones((x.shape[0],) + (1,) * (x.ndim - 1), bool)
+        m[1:4] = False
+        m[9:11] = False
+        mask = jnp.asarray(m)
+    msh = mesh()
+    spec = P("batch")
+
+    def local(x, gamma, beta, mask):
+        return jaxbn.batch_norm(
+            x,
+            gamma,
+            beta,
+            jaxbn.init_state(x.shape[-1]),
+            training=True,
+            axis_name="batch",
+            mask=mask,
+        )
+
+    f = jax.shard_map(
+        local,
+        mesh=msh,
+        in_specs=(spec, P(), P(), None if mask is None else spec),
+        out_specs=(spec, P()),
+    )
+    put = lambda v: jax.device_put(v, NamedSharding(msh, spec))  # noqa: E731
+    xs, ws, ms = put(x), put(w), None if mask is None else put(mask)
+
+    def loss(x, gamma, beta):
+        y, st = f(x, gamma, beta, ms)
+        return jnp.sum(y * ws), (y, st)
+
+    (_, (y, st)), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
+        xs, gamma, beta
+    )
+    assert_same(y, st, grads, single(x, gamma, beta, w, mask))
+
+
+def test_grad_inside_shard_map_sums_replicated_parameters():
+    x, gamma, beta, w = data()
+    msh = mesh()
+
+    def step(x, w, gamma, beta):
+        def loss(x, gamma, beta):
+            y, _ = jaxbn.batch_norm(
+                x, gamma, beta, jaxbn.init_state(6), training=True, axis_name="batch"
+            )
+            return jnp.sum(y * w)
+
+        return jax.grad(loss, (0, 1, 2))(x, gamma, beta)
+
+    f = jax.shard_map(
+        step,
+        mesh=msh,
+        in_specs=(P("batch"), P("batch"), P(), P()),
+        out_specs=(P("batch"), P(), P()),
+    )
+    put = lambda v: jax.device_put(v, NamedSharding(msh, P("batch")))  # noqa: E731
+    grads = jax.jit(f)(put(x), put(w), gamma, beta)
+    for a, b in zip(grads, single(x, gamma, beta, w)[2]):
+        assert rel_err(a, b) < TOL
+
+
+def test_pmap_equals_one_device():
+    x, gamma, beta, w = data()
+    split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
+
+    def step(x, w, gamma, beta):
+        def loss(x, gamma, beta):
+            y, st = jaxbn.batch_norm(
+                x, gamma, beta, jaxbn.init_state(6), training=True, axis_name="batch"
+            )
+            return jnp.sum(y * w), (y, st)
+
+        (_, (y, st)), (dx, dg, db) = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
+            x, gamma, beta
+        )
+        return y, st, (dx, jax.lax.psum(dg, "batch"), jax.lax.psum(db, "batch"))
+
+    y, st, (dx, dg, db) = jax.pmap(step, axis_name="batch", in_axes=(0, 0, None, None))(
+        split(x), split(w), gamma, beta
+    )
+    st = jax.tree.map(lambda v: v[0], st)
+    assert_same(
+        y.reshape(x.shape), st, (dx.reshape(x.shape), dg[0], db[0]), single(x, gamma, beta, w)
+    )
+
+
+def test_pmap_axis_index_groups():
+    x, gamma, beta, _ = data()
+    split = x.reshape(ND, -1, 6)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    f = lambda x: jaxbn.batch_norm(  # noqa: E731
+        x,
+        gamma,
+        beta,
+        jaxbn.init_state(6),
+        training=True,
+        axis_name="batch",
+        axis_index_groups=groups,
+    )
+    y, st = jax.pmap(f, axis_name="batch")(split)
+    for g in groups:
+        xg = x.reshape(ND, -1, 6)[np.array(g)].reshape(-1, 6)
+        y_r, st_r = jaxbn.batch_norm(xg, gamma, beta, jaxbn.init_state(6), training=True)
+        assert rel_err(y[np.array(g)].reshape(-1, 6), y_r) < TOL
+        assert rel_err(st.var[g[0]], st_r.var) < TOL
+
+
+def test_jit_with_batch_sharded_input_needs_no_axis_name():
+    x, gamma, beta, w = data(spatial=True)
+    msh = mesh()
+    put = lambda v: jax.device_put(v, NamedSharding(msh, P("batch")))  # noqa: E731
+
+    def loss(x, gamma, beta):
+        y, st = jaxbn.batch_norm(x, gamma, beta, jaxbn.init_state(6), training=True)
+        return jnp.sum(y * put(w)), (y, st)
+
+    (_, (y, st)), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
+        put(x), gamma, beta
+    )
+    assert y.sharding.spec[0] == "batch"
+    assert_same(y, st, grads, single(x, gamma, beta, w))
+
+
+def test_named_vmap_equals_one_batch_and_grad_inside_works():
+    x, gamma, beta, w = data()
+    split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
+
+    def per_member(x, w):
+        def loss(x, gamma, beta):
+            y, _ = jaxbn.batch_norm(
+                x, gamma, beta, jaxbn.init_state(6), training=True, axis_name="b"
+            )
+            return jnp.sum(y * w), y
+
+        (_, y), (dx, dg, db) = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(x, gamma, beta)
+        return y, dx, dg, db
+
+    y, dx, dg, db = jax.vmap(per_member, axis_name="b")(split(x), split(w))
+    y_r, _, (dx_r, dg_r, db_r) = single(x, gamma, beta, w)
+    assert rel_err(y.reshape(x.shape), y_r) < TOL
+    assert rel_err(dx.reshape(x.shape), dx_r) < TOL
+    assert rel_err(dg.sum(0), dg_r) < TOL and rel_err(db.sum(0), db_r) < TOL
+
+
+@pytest.mark.parametrize("custom", [True, False])
+def test_grad_outside_named_vmap(custom):
+    x, gamma, beta, w = data()
+    split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
+
+    def loss(x, gamma):
+        f = lambda x: jaxbn.batch_norm(  # noqa: E731
+            x, gamma, beta, jaxbn.init_state(6), training=True, axis_name="b", custom_vjp=custom
+        )[0]
+        return jnp.sum(jax.vmap(f, axis_name="b")(x) * split(w))
+
+    dx, dg = jax.grad(loss, (0, 1))(split(x), gamma)
+    _, _, (dx_r, dg_r, _) = single(x, gamma, beta, w)
+    assert rel_err(dx.reshape(x.shape), dx_r) < TOL and rel_err(dg, dg_r) < TOL

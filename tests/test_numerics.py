@@ -1,0 +1,214 @@
+"""Forward values and running statistics against NumPy float64 and Flax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import np_stats, rel_err
+
+import jaxbn
+
+
+def train(x, gamma=None, beta=None, axis=-1, **kw):
+    fshape = tuple(np.asarray(x).shape[a] for a in np.atleast_1d(axis))
+    state = jaxbn.init_state(fshape if len(fshape) > 1 else fshape[0])
+    return jaxbn.batch_norm(x, gamma, beta, state, training=True, axis=axis, momentum=0.0, **kw)
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e4, 1e6, -1e6])
+@pytest.mark.parametrize("n", [7, 4096])
+def test_large_offset_statistics_and_output(offset, n):
+    rs = np.random.RandomState(0)
+    x = (offset + rs.randn(n, 16) * rs.uniform(0.5, 2, 16)).astype(np.float32)
+    y, s = train(jnp.asarray(x))
+    mean, var = np_stats(x)
+    assert np.max(np.abs(np.asarray(s.var, np.float64) / var - 1)) < 1e-4
+    x64 = x.astype(np.float64)
+    y_ref = (x64 - mean) / np.sqrt(var + 1e-5)
+    assert np.max(np.abs(np.asarray(y, np.float64) - y_ref)) < 1e-4
+
+
+def test_flax_default_fails_where_jaxbn_does_not():
+    flax = pytest.importorskip("flax.linen")
+    x = (1e4 + np.random.RandomState(1).randn(256, 4)).astype(np.float32)
+    _, var = np_stats(x)
+    bn = flax.BatchNorm(use_running_average=False, momentum=0.0)
+    _, upd = bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+    flax_err = np.max(np.abs(np.asarray(upd["batch_stats"]["var"]) / var - 1))
+    _, s = train(jnp.asarray(x))
+    ours_err = np.max(np.abs(np.asarray(s.var) / var - 1))
+    assert flax_err > 1e-2 and ours_err < 1e-5
+
+
+@pytest.mark.parametrize("value", [0.1, 3.7e5, -1e-30, 1e30, 0.0])
+def test_constant_feature_gives_zero_variance_and_exactly_beta(value):
+    x = np.random.RandomState(2).randn(100, 3).astype(np.float32)
+    x[:, 1] = value
+    gamma = jnp.array([2.0, 5.0, 0.5])
+    beta = jnp.array([1.0, 2.5, 3.0])
+    y, s = train(jnp.asarray(x), gamma, beta)
+    assert float(s.var[1]) == 0.0
+    assert np.all(np.asarray(y)[:, 1] == 2.5)
+    assert np.isfinite(np.asarray(y)).all()
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-6, 1.0, 1e6, 1e15])
+@pytest.mark.parametrize("offset", [0.0, 1.0, -1e10])
+def test_finite_input_never_gives_nan_or_inf(scale, offset):
+    rs = np.random.RandomState(3)
+    x = (offset + scale * rs.standard_cauchy((64, 5))).astype(np.float32)
+    x[0, 0] = offset + scale * 1e3  # an outlier as the first value of a feature
+    for kw in ({}, {"mask": jnp.asarray(rs.rand(64, 1) > 0.5)}):
+        y, s = train(jnp.asarray(x), jnp.ones(5), jnp.zeros(5), **kw)
+        assert np.isfinite(np.asarray(y)).all()
+        assert np.isfinite(np.asarray(s.var)).all() and np.isfinite(np.asarray(s.mean)).all()
+
+
+def test_outlier_first_value_still_accurate():
+    # The shift is the batch's first value; the correction pass absorbs a bad one.
+    x = np.random.RandomState(4).randn(1000, 3).astype(np.float32)
+    x[0] = 1e4
+    _, s = train(jnp.asarray(x))
+    mean, var = np_stats(x)
+    assert rel_err(s.var, var) < 1e-5
+    assert np.max(np.abs(np.asarray(s.mean) - mean) / np.sqrt(var)) < 1e-5  # in units of std
+
+
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((32, 6), -1), ((4, 5, 5, 6), -1), ((4, 6, 5, 5), 1), ((5, 4, 6), (1, 2))],
+)
+def test_training_output_and_state_update(shape, axis):
+    rs = np.random.RandomState(5)
+    x = (rs.randn(*shape) * 2 + 3).astype(np.float32)
+    mean, var = np_stats(x, axis)
+    gamma, beta = rs.rand(*mean.shape) + 0.5, rs.randn(*mean.shape)
+    state = jaxbn.BatchNormState(
+        jnp.asarray(rs.randn(*mean.shape), jnp.float32),
+        jnp.asarray(rs.rand(*mean.shape) + 1, jnp.float32),
+        jnp.asarray(3, jnp.int32),
+    )
+    y, new = jaxbn.batch_norm(
+        x,
+        jnp.asarray(gamma, jnp.float32),
+        jnp.asarray(beta, jnp.float32),
+        state,
+        training=True,
+        axis=axis,
+        momentum=0.8,
+    )
+    keep = lambda v: np.expand_dims(
+        v, [i for i in range(x.ndim) if i not in np.atleast_1d(axis) % x.ndim]
+    )  # noqa: E731
+    y_ref = keep(gamma) * (x - keep(mean)) / np.sqrt(keep(var) + 1e-5) + keep(beta)
+    assert rel_err(y, y_ref) < 1e-5
+    assert rel_err(new.mean, 0.8 * np.asarray(state.mean) + 0.2 * mean) < 1e-6
+    assert rel_err(new.var, 0.8 * np.asarray(state.var) + 0.2 * var) < 1e-6
+    assert int(new.count) == 4
+
+
+def test_first_update_matches_flax_closed_form():
+    # flax's linen_test: after one step from init, mean = 0.1 * batch mean, var = 0.9 + 0.1 * var.
+    x = np.random.RandomState(6).randn(20, 4).astype(np.float32) + 1
+    _, new = jaxbn.batch_norm(x, None, None, jaxbn.init_state(4), training=True)
+    mean, var = np_stats(x)
+    assert rel_err(new.mean, 0.1 * mean) < 1e-6 and rel_err(new.var, 0.9 + 0.1 * var) < 1e-6
+
+
+def test_momentum_none_is_cumulative_average():
+    rs = np.random.RandomState(7)
+    batches = [rs.randn(10, 3).astype(np.float32) * (i + 1) + i for i in range(4)]
+    state = jaxbn.init_state(3)
+    for b in batches:
+        _, state = jaxbn.batch_norm(b, None, None, state, training=True, momentum=None)
+    stats = [np_stats(b) for b in batches]
+    assert rel_err(state.mean, np.mean([m for m, _ in stats], 0)) < 1e-6
+    assert rel_err(state.var, np.mean([v for _, v in stats], 0)) < 1e-6
+
+
+def test_eval_mode_uses_running_statistics_and_returns_state_unchanged():
+    rs = np.random.RandomState(8)
+    x = (rs.randn(16, 4, 4, 3) + 1e4).astype(np.float32)
+    state = jaxbn.BatchNormState(
+        jnp.asarray(1e4 + rs.randn(3), jnp.float32),
+        jnp.asarray(rs.rand(3) + 0.5, jnp.float32),
+        jnp.asarray(7, jnp.int32),
+    )
+    gamma, beta = jnp.asarray(rs.rand(3) + 0.5, jnp.float32), jnp.asarray(rs.randn(3), jnp.float32)
+    y, same = jaxbn.batch_norm(x, gamma, beta, state, training=False)
+    assert same is state
+    m, v = np.asarray(state.mean, np.float64), np.asarray(state.var, np.float64)
+    y_ref = (x.astype(np.float64) - m) * np.asarray(gamma, np.float64) / np.sqrt(
+        v + 1e-5
+    ) + np.asarray(beta, np.float64)
+    assert np.max(np.abs(np.asarray(y, np.float64) - y_ref)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_output_keeps_input_dtype_and_state_stays_float32(dtype):
+    x = jnp.asarray(np.random.RandomState(9).randn(32, 4), dtype)
+    for training in (True, False):
+        y, s = jaxbn.batch_norm(
+            x, jnp.ones(4, dtype), jnp.zeros(4, dtype), jaxbn.init_state(4), training=training
+        )
+        assert y.dtype == dtype
+        assert s.mean.dtype == s.var.dtype == jnp.float32 and s.count.dtype == jnp.int32
+
+
+def test_float64_input_keeps_float64_statistics():
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.RandomState(10).randn(32, 4) + 1e8)
+        y, s = jaxbn.batch_norm(
+            x, None, None, jaxbn.init_state(4, jnp.float64), training=True, momentum=0.0
+        )
+        mean, var = np_stats(np.asarray(x))
+        assert y.dtype == s.var.dtype == jnp.float64
+        assert rel_err(s.var, var) < 1e-10
+
+
+def test_nchw_axis_equals_nhwc_after_transpose():
+    x = np.random.RandomState(11).randn(4, 6, 5, 5).astype(np.float32)
+    y1, s1 = train(jnp.asarray(x), axis=1)
+    y2, s2 = train(jnp.asarray(x.transpose(0, 2, 3, 1)), axis=-1)
+    assert rel_err(y1, np.asarray(y2).transpose(0, 3, 1, 2)) < 1e-6
+    assert rel_err(s1.var, s2.var) < 1e-6
+
+
+def test_mask_counts_only_masked_in_values():
+    rs = np.random.RandomState(12)
+    x = rs.randn(40, 5).astype(np.float32) * 3 + 1
+    mask = rs.rand(40, 5) > 0.5
+    x_garbage = np.where(mask, x, np.float32(np.inf))  # masked-out values never leak in
+    y, s = train(jnp.asarray(x_garbage), mask=jnp.asarray(mask))
+    mean, var = np_stats(x, mask=mask)
+    assert rel_err(s.mean, mean) < 1e-6 and rel_err(s.var, var) < 1e-6
+    assert np.isfinite(np.asarray(y)[mask]).all()
+
+
+def test_feature_with_no_masked_in_value_keeps_its_statistics():
+    x = np.random.RandomState(13).randn(10, 3).astype(np.float32)
+    mask = np.ones((10, 3), bool)
+    mask[:, 2] = False
+    state = jaxbn.BatchNormState(
+        jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 5.0, 6.0]), jnp.asarray(0, jnp.int32)
+    )
+    _, new = jaxbn.batch_norm(x, None, None, state, training=True, mask=jnp.asarray(mask))
+    assert float(new.mean[2]) == 3.0 and float(new.var[2]) == 6.0
+    assert float(new.mean[0]) != 1.0
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_matches_flax_batchnorm(axis):
+    flax = pytest.importorskip("flax.linen")
+    rs = np.random.RandomState(14)
+    x = rs.randn(8, 6, 4, 4).astype(np.float32) * 2 + 0.5
+    bn = flax.BatchNorm(use_running_average=False, axis=axis, use_fast_variance=False)
+    variables = bn.init(jax.random.key(0), x)
+    y_flax, upd = bn.apply(variables, x, mutable=["batch_stats"])
+    c = x.shape[axis]
+    y, s = jaxbn.batch_norm(
+        x, jnp.ones(c), jnp.zeros(c), jaxbn.init_state(c), training=True, axis=axis, momentum=0.99
+    )
+    assert rel_err(y, y_flax) < 1e-5
+    assert rel_err(s.mean, upd["batch_stats"]["mean"]) < 1e-5
+    assert rel_err(s.var, upd["batch_stats"]["var"]) < 1e-5
