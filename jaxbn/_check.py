@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import jax
@@ -104,7 +105,12 @@ def format_table(rows) -> str:
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
-def main(reps: int = 20, quick: bool = False) -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxbn check", description=__doc__)
+    parser.add_argument("--reps", type=int, default=20, help="timing repetitions (default 20)")
+    parser.add_argument("--quick", action="store_true", help="skip the largest shape")
+    args = parser.parse_args(argv)
+    reps, quick = args.reps, args.quick
     dev = jax.devices()[0]
     print(f"jaxbn check on {dev.platform} ({dev.device_kind}), jax {jax.__version__}")
     print("jax.grad of sum(y * w) w.r.t. x, gamma, beta under jit, with the hand-derived rule")

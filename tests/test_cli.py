@@ -15,4 +15,4 @@ def test_check_prints_a_passing_table(capsys):
 
 def test_module_entry_point_rejects_unknown_commands():
     proc = subprocess.run([sys.executable, "-m", "jaxbn", "nope"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
+    assert proc.returncode == 2 and "unknown command 'nope'" in proc.stderr
