@@ -1,6 +1,6 @@
 """jaxbn: batch normalization for JAX as pure functions with a hand-derived backward."""
 
-from jaxbn._batch_norm import batch_norm, batch_norm_bwd, batch_norm_fwd
+from jaxbn._batch_norm import batch_norm, batch_norm_bwd, batch_norm_fwd, frozen_batch_norm
 from jaxbn._core import BatchNormResiduals
 from jaxbn._state import BatchNormState, init_state
 
@@ -12,5 +12,6 @@ __all__ = [
     "batch_norm",
     "batch_norm_bwd",
     "batch_norm_fwd",
+    "frozen_batch_norm",
     "init_state",
 ]

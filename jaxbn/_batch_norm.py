@@ -10,6 +10,7 @@ from jaxbn import _checks
 from jaxbn._core import (
     _FORWARD_MODE_HINT,
     BatchNormResiduals,
+    Renorm,
     _affine,
     _bwd,
     _Config,
@@ -63,7 +64,7 @@ def _vary_like_x(v, x, axis_name):
     return lax.pcast(v, missing, to="varying") if missing else v
 
 
-def _update(state: BatchNormState, mean, var, count, momentum) -> BatchNormState:
+def _update(state: BatchNormState, mean, var, seen, momentum) -> BatchNormState:
     """running = momentum * running + (1 - momentum) * batch, in the state's dtype."""
     dt = state.mean.dtype
     if momentum is None:  # cumulative average, PyTorch's momentum=None
@@ -73,11 +74,40 @@ def _update(state: BatchNormState, mean, var, count, momentum) -> BatchNormState
         keep, w = jnp.asarray(momentum, dt), jnp.asarray(1 - momentum, dt)
     new_mean = keep * state.mean + w * mean.astype(dt)
     new_var = keep * state.var + w * var.astype(dt)
-    if jnp.ndim(count) > 0:  # masked: a feature that saw no value keeps its statistics
-        seen = count > 0
+    if seen is not None:  # masked: a feature that saw no value keeps its statistics
         new_mean = jnp.where(seen, new_mean, state.mean)
         new_var = jnp.where(seen, new_var, state.var)
     return BatchNormState(new_mean, new_var, state.count + 1)
+
+
+def _normalize_train(cfg, x, gamma, beta, mask, renorm, custom_vjp):
+    """Training-mode output and batch statistics ``(y, mean, var, count)``."""
+    if not custom_vjp:
+        return _fwd(cfg, x, gamma, beta, mask, renorm)[0]
+    gamma = _vary_like_x(gamma, x, cfg.axis_name)
+    beta = _vary_like_x(beta, x, cfg.axis_name)
+    try:
+        return _train(cfg, x, gamma, beta, mask, renorm)
+    except TypeError as err:
+        if "forward-mode" not in str(err):
+            raise
+        raise TypeError(_FORWARD_MODE_HINT) from err
+
+
+def _ghost(cfg, x, gamma, beta, mask, renorm, custom_vjp, size):
+    """Ghost batches: axis 0 split into groups of ``size``, each with its own statistics.
+
+    The groups become one more kept axis, so the core normalizes them unchanged;
+    returns the per-group statistics with the group axis first.
+    """
+    groups = x.shape[0] // size
+    xg = x.reshape((groups, size) + x.shape[1:])
+    tile = lambda v: None if v is None else jnp.broadcast_to(v, (groups,) + v.shape)  # noqa: E731
+    gcfg = cfg._replace(axes=(0,) + tuple(a + 1 for a in cfg.axes))
+    mg = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(xg.shape)
+    rg = None if renorm is None else renorm._replace(mean=tile(renorm.mean), var=tile(renorm.var))
+    y, mean, var, count = _normalize_train(gcfg, xg, tile(gamma), tile(beta), mg, rg, custom_vjp)
+    return y.reshape(x.shape), mean, var, count
 
 
 def batch_norm(
@@ -93,6 +123,9 @@ def batch_norm(
     axis_name=None,
     axis_index_groups=None,
     mask=None,
+    unbiased_running_var: bool = False,
+    renorm=None,
+    virtual_batch_size: int | None = None,
     custom_vjp: bool = True,
 ):
     """Batch normalization with explicit running statistics.
@@ -119,7 +152,8 @@ def batch_norm(
       state: :class:`jaxbn.BatchNormState` from :func:`jaxbn.init_state`.
       training: required Python bool: batch statistics (True) or running ones.
       axis: feature axis, or tuple of feature axes.
-      momentum: in ``[0, 1]``, or None for a cumulative average over updates.
+      momentum: in ``[0, 1]``, or None for a cumulative average over updates
+        (PyTorch's ``momentum=None``; uses ``state.count``).
       eps: added to the variance, finite and > 0.
       axis_name: named axis (``shard_map``, ``pmap``, ``vmap``) whose devices hold
         parts of one batch: statistics are those of the whole batch, counted
@@ -128,6 +162,18 @@ def batch_norm(
         statistics, as for ``lax.psum``.
       mask: boolean, broadcastable to ``x``: the values that count toward the
         statistics (all of them are normalized).
+      unbiased_running_var: store the unbiased batch variance ``var * n / (n - 1)``
+        in the running variance, as PyTorch does (normalization still uses the
+        biased one).
+      renorm: None, or ``(rmax, dmax)`` for batch renormalization (Ioffe, 2017):
+        in training, ``y = gamma * (r * xhat + d) + beta`` with
+        ``r = clip(sigma / sigma_running, 1/rmax, rmax)`` and
+        ``d = clip((mean - running_mean) / sigma_running, -dmax, dmax)``,
+        ``sigma = sqrt(var + eps)``, both constants for differentiation. The
+        limits may be traced scalars (for a schedule); Python numbers are checked.
+      virtual_batch_size: ghost batch norm: in training, axis 0 is split into
+        groups of this size, each normalized with its own statistics; the running
+        statistics move toward the mean of the groups'. Evaluation is unchanged.
       custom_vjp: use the hand-derived backward (default). False differentiates
         the same computation with JAX's autodiff, which pure forward mode
         (``jax.jvp``, ``jax.jacfwd`` of batch_norm) needs; forward-over-reverse
@@ -156,22 +202,57 @@ def batch_norm(
     )
     _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
     momentum = _checks.check_momentum(momentum)
+    limits = _checks.check_renorm(renorm)
+    size = _checks.check_virtual_batch_size(virtual_batch_size, x.shape, cfg.axes, axis_name)
     if not training:
-        rstd = lax.rsqrt(state.var + cfg.eps)
-        return _affine(x, state.mean, None, rstd, gamma, beta, cfg.axes), state
-    _checks.check_batch_size(x.shape, [i for i in range(x.ndim) if i not in cfg.axes], axis_name)
-    if custom_vjp:
-        gamma = _vary_like_x(gamma, x, axis_name)
-        beta = _vary_like_x(beta, x, axis_name)
-        try:
-            y, mean, var, count = _train(cfg, x, gamma, beta, mask)
-        except TypeError as err:
-            if "forward-mode" not in str(err):
-                raise
-            raise TypeError(_FORWARD_MODE_HINT) from err
+        return _eval(cfg, x, gamma, beta, state), state
+    reduced = [i for i in range(x.ndim) if i not in cfg.axes]
+    _checks.check_batch_size((size,) + x.shape[1:] if size else x.shape, reduced, axis_name)
+    rn = None if limits is None else Renorm(state.mean, state.var, *limits)
+    if size:
+        y, mean, var, count = _ghost(cfg, x, gamma, beta, mask, rn, custom_vjp, size)
     else:
-        y, mean, var, count = _fwd(cfg, x, gamma, beta, mask)[0]
-    return y, _update(state, mean, var, count, momentum)
+        y, mean, var, count = _normalize_train(cfg, x, gamma, beta, mask, rn, custom_vjp)
+    if unbiased_running_var:
+        var = jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)
+    seen = None if mask is None else count > 0
+    if size and seen is None:  # the mean of the groups' statistics
+        mean, var = jnp.mean(mean, 0), jnp.mean(var, 0)
+    elif size:  # ... over the groups that saw a value of the feature
+        w = seen.astype(mean.dtype)
+        mean, var = (jnp.sum(v * w, 0) / jnp.maximum(jnp.sum(w, 0), 1) for v in (mean, var))
+        seen = jnp.any(seen, 0)
+    return y, _update(state, mean, var, seen, momentum)
+
+
+def _eval(cfg, x, gamma, beta, state):
+    """(x - mean) * (gamma * rsqrt(var + eps)) + beta with the running statistics."""
+    rstd = lax.rsqrt(state.var + cfg.eps)
+    return _affine(x, state.mean, None, rstd, gamma, beta, cfg.axes)
+
+
+def frozen_batch_norm(x, gamma, beta, state: BatchNormState, *, axis=-1, eps=1e-5, trainable=False):
+    """Batch norm as a fixed affine map (detectron2's ``FrozenBatchNorm2d``).
+
+    ``y = (x - state.mean) * gamma / sqrt(state.var + eps) + beta`` in training and
+    evaluation alike; the statistics never change and get no gradient. With
+    ``trainable=False`` (the default) ``gamma`` and ``beta`` get none either, so the
+    backward is ``dx = dy * scale`` and keeps no residual of ``x``'s size, cheaper
+    than evaluation-mode :func:`batch_norm` (whose ``dgamma`` reads ``x``).
+
+    Args:
+      x, gamma, beta, axis, eps: as for :func:`batch_norm`.
+      state: the frozen statistics.
+      trainable: let gradients reach ``gamma`` and ``beta``.
+
+    Returns:
+      ``y``, the shape and dtype of ``x``.
+    """
+    cfg, x, gamma, beta, _ = _config(x, gamma, beta, axis, eps, None, None, None)
+    _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
+    if not trainable:
+        gamma, beta = lax.stop_gradient(gamma), lax.stop_gradient(beta)
+    return _eval(cfg, x, gamma, beta, lax.stop_gradient(state))
 
 
 def batch_norm_fwd(

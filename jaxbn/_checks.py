@@ -175,3 +175,46 @@ def check_batch_size(x_shape, reduce_axes, axis_name) -> None:
             f"variance, but x of shape {tuple(x_shape)} has {n} along the reduced "
             f"axes {tuple(reduce_axes)}; use a larger batch or training=False."
         )
+
+
+def check_renorm(renorm):
+    """None, or (rmax, dmax) as Python numbers (checked) or scalar arrays (traced)."""
+    if renorm is None:
+        return None
+    if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
+        raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}.")
+    rmax, dmax = renorm
+    for name, v, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            if not (math.isfinite(v) and v >= low):
+                raise ValueError(
+                    f"renorm {name} must be a finite number >= {low:g}, got {v!r}"
+                    + (" (r is clipped to [1/rmax, rmax])." if name == "rmax" else ".")
+                )
+        elif jnp.ndim(v) != 0:
+            raise TypeError(f"renorm {name} must be a scalar, got shape {jnp.shape(v)}.")
+    return jnp.asarray(rmax), jnp.asarray(dmax)  # Python numbers stay weakly typed
+
+
+def check_virtual_batch_size(size, x_shape, feature_axes, axis_name):
+    """Ghost batches split axis 0, the batch, into groups of ``size``."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
+        raise ValueError(f"virtual_batch_size must be a positive int or None, got {size!r}.")
+    if 0 in feature_axes:
+        raise ValueError(
+            "virtual_batch_size splits axis 0 of x into ghost batches, but axis 0 is a "
+            "feature axis; put the batch first."
+        )
+    if axis_name is not None:
+        raise ValueError(
+            "virtual_batch_size cannot be combined with axis_name: ghost batches are "
+            "per device; drop one of them."
+        )
+    if x_shape[0] % size:
+        raise ValueError(
+            f"virtual_batch_size {size} does not divide the batch size {x_shape[0]} "
+            f"(x.shape[0]); expected a divisor of it."
+        )
+    return int(size)

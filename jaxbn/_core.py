@@ -22,6 +22,10 @@ every reduced position, masked or not (each output depends on the statistics)::
        = a * dy + m * (k0 + k1 * xc),
          k0 = (dmean - a * S1) / n,   k1 = (2 * dvar - a * rstd**2 * S2) / n
 
+Batch renormalization (``Renorm``) outputs ``y = gamma * (r * rstd * xc + d) + beta``
+with ``r``, ``d`` constants: the same rule with ``gamma * r`` for ``gamma`` (in ``a``)
+and ``dgamma = r * rstd * S2 + d * S1``.
+
 This is the notes' closed form (``batchnorm_backward_alt``) with the mask and the
 statistics' cotangents added; their staged version multiplies two branches that
 must be added (see ERRATA). The residuals are ``x`` itself and per-feature vectors:
@@ -61,6 +65,17 @@ class BatchNormResiduals(NamedTuple):
     gamma: jax.Array | None  # feature shape, or None without scale.
     mask: jax.Array | None  # boolean, broadcastable to x, or None.
     count: jax.Array  # () or feature shape: n, over all devices.
+    r: jax.Array | None = None  # feature shape: batch renorm's r, or None.
+    d: jax.Array | None = None  # feature shape: batch renorm's d, or None.
+
+
+class Renorm(NamedTuple):
+    """Batch renormalization's inputs (Ioffe, 2017): running statistics and limits."""
+
+    mean: jax.Array  # feature shape: running mean.
+    var: jax.Array  # feature shape: running variance.
+    rmax: jax.Array  # (): r is clipped to [1 / rmax, rmax].
+    dmax: jax.Array  # (): d is clipped to [-dmax, dmax].
 
 
 class _Config(NamedTuple):
@@ -85,16 +100,37 @@ def _affine(x, shift, delta, rstd, gamma, beta, axes):
     return y.astype(x.dtype)
 
 
-def _fwd(cfg: _Config, x, gamma, beta, mask):
+def _renorm_rd(mean, rstd, renorm: Renorm, eps):
+    """r = sigma_batch / sigma_running and d = (mean - running mean) / sigma_running, clipped.
+
+    Both are constants for differentiation (stop_gradient), as in the paper.
+    """
+    inv_run = lax.rsqrt(renorm.var.astype(rstd.dtype) + eps)
+    r = jnp.clip(inv_run / rstd, 1 / renorm.rmax, renorm.rmax)
+    d = jnp.clip((mean - renorm.mean.astype(rstd.dtype)) * inv_run, -renorm.dmax, renorm.dmax)
+    return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def _fwd(cfg: _Config, x, gamma, beta, mask, renorm=None):
     mo = moments(x, cfg.axes, mask, cfg.axis_name, cfg.groups)
     rstd = lax.rsqrt(mo.var + cfg.eps)
-    y = _affine(x, mo.shift, mo.delta, rstd, gamma, beta, cfg.axes)
-    res = BatchNormResiduals(x, mo.shift, mo.delta, rstd, gamma, mask, mo.count)
+    r = d = None
+    if renorm is not None:
+        # y = gamma * (r * xhat + d) + beta: a batch norm with scale gamma * r and
+        # offset beta + gamma * d, so the backward below needs only those two.
+        r, d = _renorm_rd(mo.mean, rstd, renorm, cfg.eps)
+        g = 1 if gamma is None else gamma.astype(rstd.dtype)
+        y = _affine(
+            x, mo.shift, mo.delta, rstd, g * r, g * d if beta is None else beta + g * d, cfg.axes
+        )
+    else:
+        y = _affine(x, mo.shift, mo.delta, rstd, gamma, beta, cfg.axes)
+    res = BatchNormResiduals(x, mo.shift, mo.delta, rstd, gamma, mask, mo.count, r, d)
     return (y, mo.mean, mo.var, mo.count), res
 
 
 def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
-    x, shift, delta, rstd, gamma, mask, n = res
+    x, shift, delta, rstd, gamma, mask, n, r, d = res
     dy, dmean, dvar = cotangents[:3]  # the count's cotangent, if any, is ignored
     dt = compute_dtype(x.dtype)
     e = functools.partial(expand, ndim=x.ndim, feature_axes=cfg.axes)
@@ -106,6 +142,8 @@ def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
     s_dyxc = jnp.sum(dy32 * xc, red)
     S1, S2 = psum((s_dy, s_dyxc), cfg.axis_name, cfg.groups)
     a = rstd if gamma is None else rstd * gamma.astype(dt)
+    if r is not None:
+        a = a * r
     n1 = jnp.maximum(n, 1)
     k0 = (dmean.astype(dt) - a * S1) / n1
     k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
@@ -113,23 +151,30 @@ def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
     if mask is not None:
         stat_term = jnp.where(mask, stat_term, 0)
     dx = (e(a) * dy32 + stat_term).astype(x.dtype)
-    dgamma = None if gamma is None else (rstd * s_dyxc).astype(gamma.dtype)
+    if gamma is None:
+        dgamma = None
+    elif r is None:
+        dgamma = (rstd * s_dyxc).astype(gamma.dtype)
+    else:
+        dgamma = (r * rstd * s_dyxc + d * s_dy).astype(gamma.dtype)
     dbeta = None if cfg.beta_dtype is None else s_dy.astype(cfg.beta_dtype)
     return dx, dgamma, dbeta
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train(cfg, x, gamma, beta, mask):
-    return _fwd(cfg, x, gamma, beta, mask)[0]
+def _train(cfg, x, gamma, beta, mask, renorm):
+    return _fwd(cfg, x, gamma, beta, mask, renorm)[0]
 
 
-def _train_fwd(cfg, x, gamma, beta, mask):
-    return _fwd(cfg, x, gamma, beta, mask)
+def _train_fwd(cfg, x, gamma, beta, mask, renorm):
+    out, res = _fwd(cfg, x, gamma, beta, mask, renorm)
+    return out, (res, renorm)
 
 
-def _train_bwd(cfg, res, cotangents):
+def _train_bwd(cfg, res_and_renorm, cotangents):
+    res, renorm = res_and_renorm
     dx, dgamma, dbeta = _bwd(cfg, res, cotangents)
-    return dx, dgamma, dbeta, None
+    return dx, dgamma, dbeta, None, jax.tree.map(jnp.zeros_like, renorm)
 
 
 _train.defvjp(_train_fwd, _train_bwd)
