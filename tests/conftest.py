@@ -9,5 +9,5 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# run as a script by test_multiprocess.py, never imported by pytest
-collect_ignore = ["multiprocess_worker.py"]
+# scripts, run by hand or by a test, never imported by pytest (the golden one needs torch)
+collect_ignore = ["multiprocess_worker.py", "golden/make_torch_golden.py"]

@@ -1,0 +1,103 @@
+"""PyTorch interop: BatchNorm state dicts to jaxbn/Flax variables and back, no torch import.
+
+PyTorch's ``momentum`` weighs the new batch, jaxbn's (and Flax's, Keras') the old
+value: ``jaxbn = 1 - torch``, and ``None`` (cumulative average) means the same in
+both. PyTorch stores the unbiased batch variance in ``running_var``: train with
+``unbiased_running_var=True`` for parity. ``num_batches_tracked`` maps to
+``BatchNormState.count``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn import _checks
+from jaxbn._state import BatchNormState
+
+_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def momentum_from_torch(momentum):
+    """PyTorch's momentum (weight on the batch, e.g. 0.1) to jaxbn's (0.9); None stays None."""
+    return None if momentum is None else 1.0 - _checks.check_momentum(momentum, allow_none=False)
+
+
+def momentum_to_torch(momentum):
+    """jaxbn's momentum (weight on the old value, e.g. 0.9) to PyTorch's (0.1); None stays None."""
+    return None if momentum is None else 1.0 - _checks.check_momentum(momentum, allow_none=False)
+
+
+def from_torch(state_dict: Mapping, prefix: str = ""):
+    """Converts a PyTorch BatchNorm state dict (NumPy arrays) to ``(gamma, beta, state)``.
+
+    Args:
+      state_dict: ``weight``, ``bias`` (absent when ``affine=False``),
+        ``running_mean``, ``running_var`` and optionally ``num_batches_tracked``,
+        as NumPy arrays (``{k: v.numpy() for k, v in module.state_dict().items()}``).
+      prefix: prepended to each key, e.g. ``"layer1.bn1."``.
+
+    Returns:
+      ``(gamma, beta, state)`` for :func:`jaxbn.batch_norm`: gamma and beta are None
+      when absent; the state is float32 with ``count = num_batches_tracked``.
+    """
+    get = lambda k: state_dict.get(prefix + k)  # noqa: E731
+    for k in ("running_mean", "running_var"):
+        if get(k) is None:
+            raise ValueError(
+                f"state_dict has no {prefix + k!r}; expected a BatchNorm state dict with "
+                f"track_running_stats=True (keys {', '.join(prefix + k for k in _KEYS)})."
+            )
+    f32 = lambda k: None if get(k) is None else jnp.asarray(np.asarray(get(k)), jnp.float32)  # noqa: E731
+    count = get("num_batches_tracked")
+    state = BatchNormState(
+        f32("running_mean"),
+        f32("running_var"),
+        jnp.asarray(0 if count is None else int(np.asarray(count)), jnp.int32),
+    )
+    _checks.check_state(state, state.mean.shape)
+    return f32("weight"), f32("bias"), state
+
+
+def to_torch(gamma, beta, state: BatchNormState, prefix: str = "") -> dict:
+    """The inverse of :func:`from_torch`: a dict of NumPy arrays for ``load_state_dict``.
+
+    ``gamma``/``beta`` may be None (PyTorch's ``affine=False``: no weight or bias).
+    """
+    _checks.check_state(state, state.mean.shape)
+    out = {
+        "running_mean": np.asarray(state.mean, np.float32),
+        "running_var": np.asarray(state.var, np.float32),
+        "num_batches_tracked": np.asarray(state.count, np.int64),
+    }
+    if gamma is not None:
+        out["weight"] = np.asarray(gamma, np.float32)
+    if beta is not None:
+        out["bias"] = np.asarray(beta, np.float32)
+    return {prefix + k: v for k, v in out.items()}
+
+
+def flax_variables_from_torch(state_dict: Mapping, prefix: str = "") -> dict:
+    """A PyTorch BatchNorm state dict as one Flax BatchNorm's variables.
+
+    Returns:
+      ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}`` (params
+      present only when the state dict has them), Flax's names and float32.
+    """
+    gamma, beta, state = from_torch(state_dict, prefix)
+    params = {k: v for k, v in (("scale", gamma), ("bias", beta)) if v is not None}
+    return {"params": params, "batch_stats": {"mean": state.mean, "var": state.var}}
+
+
+def flax_variables_to_torch(variables: Mapping, num_batches_tracked: int = 0, prefix: str = ""):
+    """The inverse of :func:`flax_variables_from_torch`; Flax keeps no batch count."""
+    params = variables.get("params", {})
+    stats = variables["batch_stats"]
+    state = BatchNormState(
+        jnp.asarray(stats["mean"]),
+        jnp.asarray(stats["var"]),
+        jnp.asarray(num_batches_tracked, jnp.int32),
+    )
+    return to_torch(params.get("scale"), params.get("bias"), state, prefix)
