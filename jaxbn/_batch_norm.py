@@ -219,9 +219,9 @@ def batch_norm(
     if size and seen is None:  # the mean of the groups' statistics
         mean, var = jnp.mean(mean, 0), jnp.mean(var, 0)
     elif size:  # ... over the groups that saw a value of the feature
-        w = seen.astype(mean.dtype)
+        w = count > 0
         mean, var = (jnp.sum(v * w, 0) / jnp.maximum(jnp.sum(w, 0), 1) for v in (mean, var))
-        seen = jnp.any(seen, 0)
+        seen = jnp.any(w, 0)
     return y, _update(state, mean, var, seen, momentum)
 
 

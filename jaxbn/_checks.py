@@ -21,7 +21,7 @@ def feature_shape_of(num_features) -> tuple[int, ...]:
             raise TypeError(
                 f"num_features must be an int or a tuple of ints, got {num_features!r}."
             )
-        if d <= 0:
+        if int(d) <= 0:
             raise ValueError(f"num_features must be positive, got {num_features!r}.")
     return tuple(int(d) for d in dims)
 
@@ -44,12 +44,13 @@ def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
     for a in axes:
         if isinstance(a, bool) or not isinstance(a, numbers.Integral):
             raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
+        a = int(a)
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"axis {a} is out of range for x with {ndim} dimensions; expected "
                 f"a value in [{-ndim}, {ndim})."
             )
-        out.append(int(a) % ndim)
+        out.append(a % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"axis must not repeat a dimension, got {axis!r}.")
     return tuple(sorted(out))

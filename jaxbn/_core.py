@@ -40,7 +40,7 @@ device's share, as autodiff of ``gamma * xhat + beta`` would give.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ class BatchNormResiduals(NamedTuple):
     rstd: jax.Array  # feature shape: (var + eps) ** -0.5.
     gamma: jax.Array | None  # feature shape, or None without scale.
     mask: jax.Array | None  # boolean, broadcastable to x, or None.
-    count: jax.Array  # () or feature shape: n, over all devices.
+    count: jax.Array  # type: ignore[assignment]  # () or feature shape: n, over all devices.
     r: jax.Array | None = None  # feature shape: batch renorm's r, or None.
     d: jax.Array | None = None  # feature shape: batch renorm's d, or None.
 
@@ -83,7 +83,7 @@ class _Config(NamedTuple):
     eps: float
     axis_name: object
     groups: tuple[tuple[int, ...], ...] | None
-    beta_dtype: object  # numpy dtype of beta, or None without offset.
+    beta_dtype: Any  # numpy dtype of beta, or None without offset.
 
 
 def _affine(x, shift, delta, rstd, gamma, beta, axes):
@@ -153,7 +153,7 @@ def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
     dx = (e(a) * dy32 + stat_term).astype(x.dtype)
     if gamma is None:
         dgamma = None
-    elif r is None:
+    elif r is None or d is None:
         dgamma = (rstd * s_dyxc).astype(gamma.dtype)
     else:
         dgamma = (r * rstd * s_dyxc + d * s_dy).astype(gamma.dtype)

@@ -15,7 +15,8 @@ class BatchNormState(NamedTuple):
 
     mean: jax.Array  # feature shape, float32 or float64: running mean.
     var: jax.Array  # feature shape, same dtype as mean: running biased variance.
-    count: jax.Array  # (), int32: training updates folded in so far.
+    # (), int32: training updates folded in so far (optax's name; shadows tuple.count).
+    count: jax.Array  # type: ignore[assignment]
 
 
 def init_state(num_features, dtype=jnp.float32) -> BatchNormState:

@@ -53,8 +53,8 @@ def from_torch(state_dict: Mapping, prefix: str = ""):
     f32 = lambda k: None if get(k) is None else jnp.asarray(np.asarray(get(k)), jnp.float32)  # noqa: E731
     count = get("num_batches_tracked")
     state = BatchNormState(
-        f32("running_mean"),
-        f32("running_var"),
+        jnp.asarray(get("running_mean"), jnp.float32),
+        jnp.asarray(get("running_var"), jnp.float32),
         jnp.asarray(0 if count is None else int(np.asarray(count)), jnp.int32),
     )
     _checks.check_state(state, state.mean.shape)
