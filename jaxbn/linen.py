@@ -22,7 +22,7 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._batch_norm import batch_norm
+from jaxbn._batch_norm import batch_norm, frozen_batch_norm
 from jaxbn._state import BatchNormState
 
 __all__ = ["BatchNorm"]
@@ -44,10 +44,11 @@ def _merge_use_running_average(constructor, call) -> bool:
     return constructor if call is None else call
 
 
-def _core_state(mean, var) -> BatchNormState:
-    """The core's state from stored statistics; the count is not stored (Flax has none)."""
+def _core_state(mean, var, count=None) -> BatchNormState:
+    """The core's state from stored statistics; Flax stores no count (only momentum=None needs one)."""
     dt = jnp.promote_types(mean.dtype, jnp.float32)
-    return BatchNormState(mean.astype(dt), var.astype(dt), jnp.zeros((), jnp.int32))
+    count = jnp.zeros((), jnp.int32) if count is None else count
+    return BatchNormState(mean.astype(dt), var.astype(dt), count)
 
 
 class BatchNorm(nn.Module):
@@ -102,6 +103,19 @@ class BatchNorm(nn.Module):
         the stable one (see above).
       force_float32_reductions: accepted for compatibility; reductions are always
         in at least float32 (see above).
+      unbiased_running_var: store ``var * n / (n - 1)`` in the running variance,
+        as PyTorch does.
+      renorm: None or ``(rmax, dmax)``: batch renormalization in training.
+      virtual_batch_size: ghost batch norm in training: groups of this size
+        along axis 0, each with its own statistics.
+      frozen: a fixed affine map (:func:`jaxbn.frozen_batch_norm`): the stored
+        statistics in training and evaluation alike, never updated, and no
+        gradient for ``scale`` and ``bias`` (for trainable ones with fixed
+        statistics, use ``use_running_average=True``).
+
+    The last four are jaxbn's options (see :func:`jaxbn.batch_norm`), off by
+    default so that the module stays a drop-in for Flax's. ``momentum=None`` keeps a cumulative average, as PyTorch's ``momentum=None``;
+    then ``batch_stats`` also holds ``count``, the number of updates.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -119,7 +133,7 @@ class BatchNorm(nn.Module):
 
     use_running_average: bool | None = None
     axis: int | tuple[int, ...] = -1
-    momentum: float = 0.99
+    momentum: float | None = 0.99
     epsilon: float = 1e-5
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -131,6 +145,10 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    unbiased_running_var: bool = False
+    renorm: tuple[float, float] | None = None
+    virtual_batch_size: int | None = None
+    frozen: bool = False
 
     def _core_options(self) -> dict:
         """The keyword arguments this module forwards to :func:`jaxbn.batch_norm`."""
@@ -140,6 +158,9 @@ class BatchNorm(nn.Module):
             eps=self.epsilon,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
+            unbiased_running_var=self.unbiased_running_var,
+            renorm=self.renorm,
+            virtual_batch_size=self.virtual_batch_size,
         )
 
     @nn.compact
@@ -172,12 +193,24 @@ class BatchNorm(nn.Module):
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, shape, stats_dtype)
         ra_var = self.variable("batch_stats", "var", jnp.ones, shape, stats_dtype)
+        count = None
+        if self.momentum is None:
+            count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
         scale = bias = None
         if self.use_scale:
             scale = self.param("scale", self.scale_init, shape, self.param_dtype)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, shape, self.param_dtype)
 
+        out_dtype = canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        # The core returns x's dtype and computes in >= float32 inside; widening x
+        # first keeps a float32 output from a bfloat16 x as precise as Flax's.
+        x = x.astype(jnp.promote_types(x.dtype, out_dtype))
+        state = _core_state(ra_mean.value, ra_var.value, None if count is None else count.value)
+        if self.frozen:
+            return frozen_batch_norm(
+                x, scale, bias, state, axis=self.axis, eps=self.epsilon
+            ).astype(out_dtype)
         update = not use_running_average and not self.is_initializing()
         if update and not self.is_mutable_collection("batch_stats"):
             raise ValueError(
@@ -185,14 +218,11 @@ class BatchNorm(nn.Module):
                 'immutable "batch_stats" collection; pass mutable=["batch_stats"] to '
                 "apply, or use_running_average=True to evaluate."
             )
-        out_dtype = canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-        # The core returns x's dtype and computes in >= float32 inside; widening x
-        # first keeps a float32 output from a bfloat16 x as precise as Flax's.
         y, new = batch_norm(
-            x.astype(jnp.promote_types(x.dtype, out_dtype)),
+            x,
             scale,
             bias,
-            _core_state(ra_mean.value, ra_var.value),
+            state,
             training=update,
             mask=mask,
             **self._core_options(),
@@ -200,4 +230,6 @@ class BatchNorm(nn.Module):
         if update:
             ra_mean.value = new.mean.astype(stats_dtype)
             ra_var.value = new.var.astype(stats_dtype)
+            if count is not None:
+                count.value = new.count
         return y.astype(out_dtype)

@@ -24,7 +24,7 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._batch_norm import batch_norm
+from jaxbn._batch_norm import batch_norm, frozen_batch_norm
 from jaxbn._state import BatchNormState
 
 __all__ = ["BatchNorm"]
@@ -84,6 +84,10 @@ class BatchNorm(nnx.Module):
       rngs: :class:`flax.nnx.Rngs` for the initializers.
       bias_metadata: metadata for the ``bias`` ``nnx.Param``.
       scale_metadata: metadata for the ``scale`` ``nnx.Param``.
+      unbiased_running_var, renorm, virtual_batch_size, frozen: jaxbn's options,
+        off by default so the module stays a drop-in for Flax's; as for
+        :class:`jaxbn.linen.BatchNorm`. ``momentum=None`` keeps a cumulative
+        average and adds a ``count`` ``nnx.BatchStat``.
 
     Raises:
       TypeError, ValueError: if ``num_features`` is not a positive int (or a
@@ -108,7 +112,7 @@ class BatchNorm(nnx.Module):
         *,
         use_running_average: bool | None = False,
         axis: int | tuple[int, ...] = -1,
-        momentum: float = 0.99,
+        momentum: float | None = 0.99,
         epsilon: float = 1e-5,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -123,10 +127,16 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Any = MappingProxyType({}),
         scale_metadata: Any = MappingProxyType({}),
+        unbiased_running_var: bool = False,
+        renorm: tuple[float, float] | None = None,
+        virtual_batch_size: int | None = None,
+        frozen: bool = False,
     ):
         shape = _checks.feature_shape_of(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        if momentum is None:
+            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
         # scale before bias: the order in which Flax draws keys from rngs.params
         if use_scale:
             self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
@@ -150,6 +160,10 @@ class BatchNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self.unbiased_running_var = unbiased_running_var
+        self.renorm = renorm
+        self.virtual_batch_size = virtual_batch_size
+        self.frozen = frozen
 
     def _core_options(self) -> dict:
         """The keyword arguments this module forwards to :func:`jaxbn.batch_norm`."""
@@ -159,6 +173,9 @@ class BatchNorm(nnx.Module):
             eps=self.epsilon,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
+            unbiased_running_var=self.unbiased_running_var,
+            renorm=self.renorm,
+            virtual_batch_size=self.virtual_batch_size,
         )
 
     def __call__(
@@ -202,7 +219,10 @@ class BatchNorm(nnx.Module):
         bias = None if self.bias is None else self.bias[...]
         mean, var = self.mean[...], self.var[...]
         x, _, _, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
-        state = BatchNormState(mean, var, jnp.zeros((), jnp.int32))
+        count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
+        state = BatchNormState(mean, var, count)
+        if self.frozen:
+            return frozen_batch_norm(x, scale, bias, state, axis=self.axis, eps=self.epsilon)
         training = not use_running_average
         y, new = batch_norm(
             x, scale, bias, state, training=training, mask=mask, **self._core_options()
@@ -210,6 +230,8 @@ class BatchNorm(nnx.Module):
         if training:
             self.mean[...] = new.mean
             self.var[...] = new.var
+            if self.momentum is None:
+                self.count[...] = new.count
         return y
 
     def set_view(self, use_running_average: bool | None = None):

@@ -92,7 +92,15 @@ def test_signature_and_defaults_are_flaxs(method):
         sig = inspect.signature(getattr(cls, method))
         return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
 
-    assert params(jaxbn.nnx.BatchNorm) == params(nnx.BatchNorm)
+    extras = {
+        "unbiased_running_var": False,
+        "renorm": None,
+        "virtual_batch_size": None,
+        "frozen": False,
+    }
+    ours = params(jaxbn.nnx.BatchNorm)
+    assert [p for p in ours if p[0] not in extras] == params(nnx.BatchNorm)
+    assert {p[0]: p[2] for p in ours if p[0] in extras} == (extras if method == "__init__" else {})
 
 
 CONFIGS = [
