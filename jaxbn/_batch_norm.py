@@ -48,19 +48,18 @@ def _config(x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask):
     return cfg, x, gamma, beta, mask
 
 
-def _vary_like_x(v, x, axis_name):
-    """Under shard_map, marks a replicated ``v`` as varying along x's batch axes.
+def _vary_like_x(v, x):
+    """Under shard_map, marks a replicated ``v`` as varying along x's manual axes.
 
     The custom rule returns this device's share of dgamma; shard_map accepts it
-    only for a varying input, and autodiff then psums the shares, exactly as it
-    does for ``gamma * xhat`` written in plain jnp.
+    only for an input that varies like ``x``, and autodiff then psums the shares,
+    exactly as it does for ``gamma * xhat`` written in plain jnp. This holds with
+    or without ``axis_name`` (per-device statistics).
     """
-    if v is None or axis_name is None:
+    if v is None:
         return v
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    varying = lambda t: getattr(getattr(jax.typeof(t), "mat", None), "varying", ())  # noqa: E731
-    xv, vv = varying(x), varying(v)
-    missing = tuple(a for a in names if a in xv and a not in vv)
+    varying = lambda t: getattr(getattr(jax.typeof(t), "mat", None), "varying", frozenset())  # noqa: E731
+    missing = tuple(sorted(set(varying(x)) - set(varying(v)), key=str))
     return lax.pcast(v, missing, to="varying") if missing else v
 
 
@@ -84,8 +83,7 @@ def _normalize_train(cfg, x, gamma, beta, mask, renorm, custom_vjp):
     """Training-mode output and batch statistics ``(y, mean, var, count)``."""
     if not custom_vjp:
         return _fwd(cfg, x, gamma, beta, mask, renorm)[0]
-    gamma = _vary_like_x(gamma, x, cfg.axis_name)
-    beta = _vary_like_x(beta, x, cfg.axis_name)
+    gamma, beta = _vary_like_x(gamma, x), _vary_like_x(beta, x)
     try:
         return _train(cfg, x, gamma, beta, mask, renorm)
     except TypeError as err:

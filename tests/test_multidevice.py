@@ -215,3 +215,24 @@ def test_grad_outside_named_vmap(custom):
     dx, dg = jax.grad(loss, (0, 1))(split(x), gamma)
     _, _, (dx_r, dg_r, _) = single(x, gamma, beta, w)
     assert rel_err(dx.reshape(x.shape), dx_r) < TOL and rel_err(dg, dg_r) < TOL
+
+
+def test_shard_map_without_axis_name_gives_per_device_statistics():
+    # replicated gamma/beta with a sharded x: each device normalizes its own shard
+    x, gamma, beta, w = data()
+    msh = mesh()
+
+    def local(x, gamma, beta):
+        return jaxbn.batch_norm(x, gamma, beta, jaxbn.init_state(6), training=True)[0]
+
+    f = jax.shard_map(local, mesh=msh, in_specs=(P("batch"), P(), P()), out_specs=P("batch"))
+    put = lambda v: jax.device_put(v, NamedSharding(msh, P("batch")))  # noqa: E731
+    ws = put(w)
+    loss = lambda x, gamma, beta: jnp.sum(f(x, gamma, beta) * ws)  # noqa: E731
+    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(put(x), gamma, beta)
+    per_device = [
+        single(x[i * 4 : (i + 1) * 4], gamma, beta, w[i * 4 : (i + 1) * 4]) for i in range(ND)
+    ]
+    assert rel_err(grads[0], jnp.concatenate([r[2][0] for r in per_device])) < TOL
+    assert rel_err(grads[1], sum(r[2][1] for r in per_device)) < TOL
+    assert rel_err(grads[2], sum(r[2][2] for r in per_device)) < TOL
