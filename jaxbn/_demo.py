@@ -73,11 +73,12 @@ def init_cnn(key, use_bn: bool, widths=CONV_WIDTHS, num_classes: int = 10):
     return params, tuple(state)
 
 
-def apply_cnn(params, state, x, *, training: bool, axis_name=None):
+def apply_cnn(params, state, x, *, training: bool, axis_name=None, bn_inputs=None):
     """Logits ``(N, 10)`` of NHWC images ``(N, 8, 8, 1)``; returns ``(logits, new_state)``.
 
     ``axis_name`` is passed to every batch norm: under ``shard_map`` the statistics
-    are then those of the global batch.
+    are then those of the global batch. A list passed as ``bn_inputs`` receives each
+    batch norm's input (for :func:`jaxbn.population_stats`).
     """
     new_state = []
     h = x
@@ -87,6 +88,8 @@ def apply_cnn(params, state, x, *, training: bool, axis_name=None):
             h, layer["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
         if "gamma" in layer:
+            if bn_inputs is not None:
+                bn_inputs.append(h)
             h, s = batch_norm(
                 h, layer["gamma"], layer["beta"], state[i], training=training, axis_name=axis_name
             )
