@@ -136,10 +136,15 @@ def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
     e = functools.partial(expand, ndim=x.ndim, feature_axes=cfg.axes)
     red = tuple(i for i in range(x.ndim) if i not in cfg.axes)
 
-    xc = (x.astype(dt) - e(shift)) - e(delta)
-    dy32 = dy.astype(dt)
-    s_dy = jnp.sum(dy32, red)
-    s_dyxc = jnp.sum(dy32 * xc, red)
+    # XLA:CPU writes out in full a conversion, broadcast or subexpression that two
+    # fusions share (here, or with the forward under one jit): each pass over x gets
+    # its own copies, behind an optimization_barrier (free at run time).
+    copies = lax.optimization_barrier(((dy, x, shift),) * 3 + ((delta, rstd, gamma),))
+    (dy1, _, _), (dy2, x2, sh2), (dy3, x3, sh3), (delta, rstd, gamma) = copies
+    s_dy = jnp.sum(dy1.astype(dt), red)
+    # sum(dy * xc) with xc = (x - shift) - delta: |delta| <= ulp(mean) / 2
+    # (jaxbn._stats), so taking it out of the sum cancels nothing.
+    s_dyxc = jnp.sum(dy2.astype(dt) * (x2.astype(dt) - e(sh2)), red) - delta * s_dy
     S1, S2 = psum((s_dy, s_dyxc), cfg.axis_name, cfg.groups)
     a = rstd if gamma is None else rstd * gamma.astype(dt)
     if r is not None:
@@ -147,10 +152,10 @@ def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
     n1 = jnp.maximum(n, 1)
     k0 = (dmean.astype(dt) - a * S1) / n1
     k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
-    stat_term = e(k0) + xc * e(k1)
+    stat_term = e(k0 - k1 * delta) + (x3.astype(dt) - e(sh3)) * e(k1)
     if mask is not None:
         stat_term = jnp.where(mask, stat_term, 0)
-    dx = (e(a) * dy32 + stat_term).astype(x.dtype)
+    dx = (e(a) * dy3.astype(dt) + stat_term).astype(x.dtype)
     if gamma is None:
         dgamma = None
     elif r is None or d is None:

@@ -1,46 +1,52 @@
 """Batch statistics: a stable, count-weighted mean and biased variance.
 
-Two algorithms, chosen at run time by ``lax.cond`` (all features together):
+Two algorithms, picked at run time for all features at once by ``lax.cond``.
 
-Fast (one read of ``x`` per sum, no broadcast; flax's cost)::
+Fast, where it is provably accurate: two plain sums, each one fused read of ``x``
+(flax's formula and flax's cost)::
 
     mean = sum(x) / n,   msq = sum(x * x) / n,   var = msq - mean ** 2
 
-taken when every feature has ``msq <= K * var`` (``K = 16``, i.e. ``|mean| <= 3.9
-std``) and a finite ``var``. The cancellation then costs at most ``2K + 1`` times the
-sums' own relative error (about 1e-7 in float32), so var is within ~5e-6, and the
-mean within 1e-7 * sqrt(K) std; an all-zero feature gives exactly 0 and 0.
+taken only if every feature has a finite ``var`` and ``msq <= K * var`` (``K = 16``,
+i.e. ``|mean| <= 3.9 std``). The cancellation then multiplies the sums' own relative
+error (~1.5e-7 in float32 on XLA:CPU) by at most ``2K + 1``: var within 6e-6 at the
+limit (measured), the mean within 1e-6 std. An all-zero feature gives exactly 0, 0.
 
-Shifted (everything else: large offsets, constant features, overflow, NaN): the
-corrected two-pass algorithm (Chan, Golub and LeVeque, 1983) on data shifted by
-``shift``, one value of the batch per feature (its first)::
+Shifted, otherwise (larger offsets, constant features, overflow, NaN): the corrected
+two-pass algorithm (Chan, Golub and LeVeque, 1983) on data shifted by ``s``, one value
+of the batch per feature (its first)::
 
-    d0    = sum(x - shift) / n                   # pass 1
-    c     = (x - shift) - d0                     # pass 2 ...
-    delta = d0 + sum(c) / n                      #   ... and its two sums
-    var   = sum(c * c) / n - (sum(c) / n) ** 2   # clamped at 0
-    mean  = shift + delta
+    d0  = sum(x - s) / n                     # pass 1
+    c   = (x - s) - d0                       # pass 2 ...
+    d   = d0 + sum(c) / n                    #   ... and its two sums: mean = s + d
+    var = sum(c * c) / n - (sum(c) / n) ** 2   # clamped at 0
 
-- ``x - shift`` is exact (Sterbenz) while x and shift are within 2x of each other,
-  so a large common offset (|mean| = 1e6 * std in float32) costs nothing; the mean
-  stays the pair ``(shift, delta)`` and ``x - mean`` is computed as
-  ``(x - shift) - delta``: rounding ``mean`` to float32 alone would be off by 0.03 std.
-- A constant feature gives ``x - shift == 0`` exactly, hence var == 0, delta == 0
-  and an output of exactly ``beta``.
+- ``x - s`` is exact (Sterbenz) while x and s are within 2x of each other, so a large
+  common offset (|mean| = 1e6 * std in float32) costs nothing.
+- A constant feature gives ``x - s == 0`` exactly, hence var == 0 and d == 0.
 - Each sum is of ``v / N`` (N the static local size) and rescaled afterwards, so no
   sum overflows when its terms do not.
 
-Why two: on XLA:CPU the fast sums are each one fused reduction of ``x``, while every
-sum of ``x - shift`` costs 1.5-3x as much, and a broadcast shared by two
-reductions is written out in full (hence the ``optimization_barrier`` copies).
-Always shifting made the training forward 1.3-2.5x flax's; checking costs
-nothing, and flax's default (the fast formula everywhere) loses ~(mean/std)^2 * 6e-8
-relative instead.
+Either way the mean comes as a pair: ``shift``, the mean rounded to the compute
+dtype, and ``delta``, its exact rounding error (TwoSum of ``s + d``; 0 from the fast
+formula), so ``|delta| <= ulp(mean) / 2`` for a finite mean. ``x - mean`` is
+``(x - shift) - delta``: rounding the mean alone would be off by 0.03 std at a 1e6
+offset, and a constant feature still gives exactly 0, hence an output of exactly
+``beta``. As ``delta`` is that small, a sum of ``x - mean`` can also be taken as a sum
+of ``x - shift`` corrected afterwards, with no cancellation.
+
+Why two: on XLA:CPU (jax 0.10) a sum of ``x`` or ``x * x`` is one fused reduction, a
+sum of ``x - s`` costs 1.5-3x as much, and a broadcast, conversion or subexpression
+that two fusions share is written out in full (hence the ``optimization_barrier``
+copies). The shifted algorithm alone made the training forward 2.4-4.3x flax's; with
+the check it costs what flax's does (``python -m jaxbn bench``), and 1.7-3x where the
+shifted branch runs, while flax's default (the fast formula everywhere) then loses
+~(mean/std)^2 * 6e-8 relative.
 
 Across devices the sums and the counts are psum'd, so devices with unequal numbers
 of masked-in values are weighted exactly; every device takes the same branch (a
-psum'd flag), and the shift is the first device's, taken exactly with a psum of one
-value and zeros. Under ``vmap`` the ``cond`` becomes a select of both branches.
+psum'd flag), and ``s`` is the first device's, taken exactly with a psum of one value
+and zeros. Under ``vmap`` the ``cond`` becomes a select of both branches.
 """
 
 from __future__ import annotations
@@ -58,10 +64,10 @@ FAST_LIMIT = 16.0  # K: the fast formula only where msq <= K * var, see above.
 class Moments(NamedTuple):
     """Batch statistics with the mean split in two for an exact ``x - mean``."""
 
-    shift: jax.Array  # feature shape: a value of the batch per feature, or the mean.
-    delta: jax.Array  # feature shape: mean - shift (zeros from the fast formula).
+    shift: jax.Array  # feature shape: the mean, rounded.
+    delta: jax.Array  # feature shape: mean - shift, |delta| <= ulp(shift) / 2.
     var: jax.Array  # feature shape: biased variance, >= 0.
-    count: jax.Array  # () or feature shape: values counted, over all devices.
+    count: jax.Array  # type: ignore[assignment]  # () or feature shape: values counted, over all devices.
 
     @property
     def mean(self) -> jax.Array:
@@ -98,9 +104,13 @@ def _from_first_device(v, axis_name, axis_index_groups):
     return psum(jnp.where(lead, v, 0), axis_name, axis_index_groups)
 
 
-def _copies(v, k: int):
-    """``k`` equal values that XLA will not merge, so each reduction fuses its own."""
-    return lax.optimization_barrier((v,) * k) if v is not None else (None,) * k
+def _copies(tree, k: int):
+    """``k`` equal copies that XLA will not merge, so each reduction fuses its own.
+
+    XLA:CPU writes out in full a broadcast, a conversion or a subexpression that two
+    fusions share; an ``optimization_barrier`` costs nothing at run time.
+    """
+    return lax.optimization_barrier((tree,) * k)
 
 
 def _masked(v, m):
@@ -125,15 +135,14 @@ def moments(x, feature_axes, mask=None, axis_name=None, axis_index_groups=None) 
     sync = lambda t: psum(t, axis_name, axis_index_groups)  # noqa: E731
     feat = lambda v: jnp.reshape(v, [x.shape[a] for a in feature_axes])  # noqa: E731
 
-    xf = x.astype(dt)
     m = None if mask is None else jnp.broadcast_to(mask, x.shape)
     if m is None:
         n = sync(jnp.asarray(math.prod(x.shape[a] for a in red), dt))
     else:
         n = sync(jnp.sum(m, red, dtype=dt))
     n1 = jnp.maximum(n, 1)
-    m1, m2 = _copies(m, 2)
-    x1, x2 = _masked(xf, m1), _masked(xf, m2)
+    (x1, m1), (x2, m2) = _copies((x, m), 2)
+    x1, x2 = _masked(x1.astype(dt), m1), _masked(x2.astype(dt), m2)
     s1, s2 = sync((jnp.sum(x1, red), jnp.sum(x2 * x2, red)))
     mean, msq = s1 / n1, s2 / n1
     var = msq - mean * mean
@@ -145,33 +154,39 @@ def moments(x, feature_axes, mask=None, axis_name=None, axis_index_groups=None) 
         return Moments(feat(mean), jnp.zeros_like(feat(mean)), feat(jnp.maximum(var, 0)), n)
 
     def shifted_moments():
-        return _shifted(xf, m, n, feature_axes, axis_name, axis_index_groups)
+        return _shifted(x, m, n, feature_axes, axis_name, axis_index_groups)
 
     return lax.cond(fast, fast_moments, shifted_moments)
 
 
-def _shifted(xf, m, n, feature_axes, axis_name, axis_index_groups) -> Moments:
-    """The corrected two-pass algorithm around the batch's first value (see above)."""
-    red = tuple(a for a in range(xf.ndim) if a not in feature_axes)
-    first = tuple(slice(0, 1) if a in red else slice(None) for a in range(xf.ndim))
-    size = math.prod(xf.shape[a] for a in red)
+def _shifted(x, m, n, feature_axes, axis_name, axis_index_groups) -> Moments:
+    """The corrected two-pass algorithm around the batch's first values (see above)."""
+    dt = compute_dtype(x.dtype)
+    red = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    first = tuple(slice(0, 1) if a in red else slice(None) for a in range(x.ndim))
+    size = math.prod(x.shape[a] for a in red)
     sync = lambda t: psum(t, axis_name, axis_index_groups)  # noqa: E731
-    shift = xf[first]
+    shift = x[first].astype(dt)
     if m is not None:
         # a masked-out value may be anything, even inf: never use it as the shift.
         shift = jnp.where(m[first], shift, 0)
     shift = _from_first_device(shift, axis_name, axis_index_groups)
     scale = size / jnp.maximum(n, 1)
 
-    sh0, sh1, sh2 = _copies(shift, 3)
-    m0, m1, m2 = _copies(m, 3)
-    i0, i1, i2 = _copies(jnp.asarray(1.0 / size, xf.dtype), 3)
-    d0 = sync(jnp.sum(_masked(xf - sh0, m0) * i0, red)) * scale
-    e1, e2 = _copies(expand(d0, xf.ndim, feature_axes), 2)
-    c1 = _masked((xf - sh1) - e1, m1)
-    c2 = _masked((xf - sh2) - e2, m2)
+    copies = _copies((x, m, shift, jnp.asarray(1.0 / size, dt)), 3)
+    (x0, m0, sh0, i0), (x1, m1, sh1, i1), (x2, m2, sh2, i2) = copies
+    d0 = sync(jnp.sum(_masked(x0.astype(dt) - sh0, m0) * i0, red)) * scale
+    e1, e2 = _copies(expand(d0, x.ndim, feature_axes), 2)
+    c1 = _masked((x1.astype(dt) - sh1) - e1, m1)
+    c2 = _masked((x2.astype(dt) - sh2) - e2, m2)
     s1, s2 = sync((jnp.sum(c1 * i1, red), jnp.sum(c2 * c2 * i2, red)))
     s1, s2 = s1 * scale, s2 * scale
     var = jnp.maximum(s2 - s1 * s1, 0)
-    feat = lambda v: jnp.reshape(v, [xf.shape[a] for a in feature_axes])  # noqa: E731
-    return Moments(feat(shift), d0 + s1, var, n)
+    feat = lambda v: jnp.reshape(v, [x.shape[a] for a in feature_axes])  # noqa: E731
+    shift, delta = feat(shift), d0 + s1
+    # TwoSum: the rounded mean and its exact rounding error, as the fast branch gives.
+    mean = shift + delta
+    back = mean - shift
+    err = (shift - (mean - back)) + (delta - back)
+    ok = jnp.isfinite(mean)
+    return Moments(jnp.where(ok, mean, shift), jnp.where(ok, err, delta), var, n)

@@ -1,0 +1,196 @@
+"""The GPU benchmark: jaxbn, Flax, plain autodiff and PyTorch (cuDNN) on one GPU.
+
+Run on a machine with one NVIDIA GPU, from the repository root::
+
+    pip install -e ".[flax]" "jax[cuda12]" torch && python benchmarks/gpu_bench.py --json gpu.json
+
+It runs ``jaxbn._bench`` (the shapes and modes of ``python -m jaxbn bench``, all
+JAX competitors interleaved) on the GPU, then times ``torch.nn.functional.batch_norm``
+(cuDNN) on the same shapes in NCHW and channels_last, and measures device-to-device
+copy bandwidth (``torch`` ``copy_`` of 1 GiB, counted as read + write). It prints each
+mode's bandwidth as a fraction of the copy bandwidth (forward + backward counted as 8
+passes over x, training forward 3, backward 5, eval 2) and jaxbn / flax and
+jaxbn / torch ratios. Targets (issue 6): forward + backward at >= 70% of copy
+bandwidth and not slower than PyTorch's.
+
+``--allow-cpu --shape 64x8`` runs the same code on CPU, to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+TARGET_COPY_FRACTION = 0.70
+
+
+def _torch_case(torch, shape, axis, dtype, memory_format, device):
+    """Tensors for ``F.batch_norm``: features on dim 1 (PyTorch's convention)."""
+    if len(shape) == 4 and axis in (-1, 3):  # NHWC: the same bytes as channels_last NCHW
+        n, h, w, c = shape
+        nchw = (n, c, h, w)
+    elif len(shape) == 4 and axis == 1:
+        nchw, c = shape, shape[1]
+    else:
+        nchw, c = shape, shape[-1]
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(nchw, generator=gen) * 2 + 1).to(device=device, dtype=dt)
+    w = torch.randn(nchw, generator=gen).to(device=device, dtype=dt)
+    if memory_format == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = w.contiguous(memory_format=torch.channels_last)
+    weight = (torch.rand(c, generator=gen) + 0.5).to(device).requires_grad_()
+    bias = torch.randn(c, generator=gen).to(device).requires_grad_()
+    mean, var = torch.zeros(c, device=device), torch.ones(c, device=device)
+    return x.requires_grad_(), w, weight, bias, mean, var
+
+
+def torch_fns(torch, shape, axis, dtype, device):
+    """``{(layout, mode): f}`` for ``F.batch_norm``; 4D shapes in both memory formats."""
+    F = torch.nn.functional
+    formats = ["NCHW", "channels_last"] if len(shape) == 4 else ["(N, C)"]
+    fns = {}
+    for fmt in formats:
+        x, w, weight, bias, mean, var = _torch_case(torch, shape, axis, dtype, fmt, device)
+
+        def fwd(x=x, weight=weight, bias=bias, mean=mean, var=var):
+            with torch.no_grad():
+                return F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+
+        def fwd_bwd(x=x, w=w, weight=weight, bias=bias, mean=mean, var=var):
+            y = F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+            loss = (y.float() * w.float()).sum()
+            return torch.autograd.grad(loss, (x, weight, bias))
+
+        y = F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+
+        def bwd(y=y, w=w, x=x, weight=weight, bias=bias):
+            return torch.autograd.grad(y, (x, weight, bias), w, retain_graph=True)
+
+        def evaluate(x=x, weight=weight, bias=bias, mean=mean, var=var):
+            with torch.no_grad():
+                return F.batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5)
+
+        modes = {"fwd": fwd, "fwd+bwd": fwd_bwd, "bwd": bwd, "eval": evaluate}
+        fns.update({(fmt, m): f for m, f in modes.items()})
+    return fns
+
+
+def time_torch(torch, fns, reps, warmup, device):
+    """Median milliseconds of each function, calls interleaved, caches flushed, synchronized."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    big = torch.ones(256 << 18, device=device)  # 256 MiB: more than any L2 (as jaxbn._bench)
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    sync()
+    names, times = list(fns), {k: [] for k in fns}
+    for r in range(reps):
+        for k in names if r % 2 == 0 else names[::-1]:
+            big.add_(1)
+            sync()
+            t = time.perf_counter()
+            fns[k]()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def copy_bandwidth(torch, device, nbytes=1 << 30, reps=20):
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    fn = {("copy", "copy"): lambda: dst.copy_(src)}
+    ms = time_torch(torch, fn, reps, 3, device)[("copy", "copy")]
+    return 2 * nbytes / ms / 1e6
+
+
+def report(rows, copy_gbps) -> tuple[str, dict]:
+    """Per shape and mode: ms of everyone, jaxbn's share of copy bandwidth, ratios."""
+    from jaxbn._bench import MODES
+
+    head = f"{'shape':<23}{'dtype':<9}{'mode':<8}{'jaxbn':>9}{'flax':>9}{'torch':>9}"
+    head += f"{'torch fmt':>15}{'jaxbn/flax':>11}{'jaxbn/torch':>12}{'jaxbn %copy':>12}"
+    lines, worst = [head, "-" * len(head)], {}
+    for r in rows:
+        nbytes = r["nbytes"]
+        for m, passes in MODES.items():
+            j, f = r["modes"][m]["jaxbn"]["ms"], r["modes"][m]["flax"]["ms"]
+            vs_flax = r["ratio_vs_flax"][m]["jaxbn"]
+            cands = [(v, k.split("/")[0]) for k, v in r["torch"].items() if k.split("/")[1] == m]
+            t, fmt = min(cands)
+            frac = passes * nbytes / j / 1e6 / copy_gbps
+            r["modes"][m]["jaxbn"]["copy_fraction"] = frac
+            r["modes"][m]["torch_best"] = dict(ms=t, layout=fmt)
+            lines.append(
+                f"{str(tuple(r['shape'])):<23}{r['dtype']:<9}{m:<8}{j:>9.3f}{f:>9.3f}{t:>9.3f}"
+                f"{fmt:>15}{vs_flax:>11.2f}{j / t:>12.2f}{100 * frac:>11.0f}%"
+            )
+            if m == "fwd+bwd" and nbytes >= 1 << 20:
+                worst = dict(
+                    min_copy_fraction=min(frac, worst.get("min_copy_fraction", 1e9)),
+                    max_vs_torch=max(j / t, worst.get("max_vs_torch", 0.0)),
+                )
+    if worst:
+        ok = worst["min_copy_fraction"] >= TARGET_COPY_FRACTION and worst["max_vs_torch"] <= 1.0
+        worst["met"] = ok
+        lines += [
+            "",
+            f"copy bandwidth {copy_gbps:.0f} GB/s (read + write). fwd+bwd targets: >= "
+            f"{TARGET_COPY_FRACTION:.0%} of copy bandwidth (worst {worst['min_copy_fraction']:.0%}), "
+            f"<= 1.00x torch (worst {worst['max_vs_torch']:.2f}x): {'met' if ok else 'NOT met'}",
+        ]
+    return "\n".join(lines), worst
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="jaxbn vs flax vs PyTorch on one GPU")
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--shape", action="append", help="as for python -m jaxbn bench --shape")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--allow-cpu", action="store_true", help="run on CPU (checks the script)")
+    args = p.parse_args(argv)
+    # JAX would otherwise take 75% of the GPU's memory and leave PyTorch none.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import torch
+
+    from jaxbn import _bench
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (device != "cuda" or jax.default_backend() != "gpu") and not args.allow_cpu:
+        print(
+            f"gpu_bench: found torch on {device} and jax on {jax.default_backend()}; expected "
+            f"both on a GPU (pass --allow-cpu to check the script on CPU).",
+            file=sys.stderr,
+        )
+        return 2
+    torch.backends.cudnn.benchmark = True
+    shapes = [_bench._parse_shape(s) for s in args.shape] if args.shape else _bench.SHAPES
+    copy_gbps = copy_bandwidth(torch, device, 1 << 30 if device == "cuda" else 1 << 26)
+    print(f"{jax.devices()[0].device_kind}: jax {jax.__version__}, torch {torch.__version__}")
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)\n")
+    result = _bench.run(shapes, _bench.COMPETITORS, args.reps, args.warmup)
+    for row, (shape, axis, dtype) in zip(result["rows"], shapes):
+        fns = torch_fns(torch, tuple(shape), axis, dtype, device)
+        ms = time_torch(torch, fns, args.reps, args.warmup, device)
+        row["torch"] = {f"{fmt}/{m}": v for (fmt, m), v in ms.items()}
+    print(_bench.format_table(result) + "\n")
+    text, worst = report(result["rows"], copy_gbps)
+    print(text)
+    result.update(copy_gbps=copy_gbps, torch=torch.__version__, gpu_targets=worst)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,550 @@
+"""``python -m jaxbn bench``: jaxbn against Flax, plain autodiff and the memory-traffic floor.
+
+Batch norm is memory-bound, so each time is also a multiple of its minimal traffic
+("xfloor"): a jitted per-feature ``x * a + b`` (one read, one write) in the same run
+gives the time of one pass over ``x``, and a mode that must move ``k`` passes is
+divided by ``k`` of them: training forward 3, eval 2, backward 5, forward + backward
+8 (XLA:CPU does not fuse sibling reductions, so about 4 is the realistic training
+forward there). Competitors run interleaved in one process, the calls of one mode
+adjacent, and the caches are evicted before each call (else the order decides who
+finds ``x`` in a 32 MiB L3); each time is the median of ``--reps`` calls after
+``--warmup`` calls, and each ratio the median of the per-round ratios.
+
+Residuals are the buffers a ``jax.vjp`` closure keeps for the backward (deduplicated
+by address), as a multiple of ``x.nbytes``: "full" counts the buffers with as many
+elements as ``x``, "all" adds the per-feature vectors.
+
+On CPU, a fresh output of >= 32 MiB page-faults on every call under glibc's default
+malloc (and jemalloc's default decay still faults freed pages back in), which can
+dominate a memory-bound op. ``--allocator auto`` (the default) therefore reruns the
+benchmark under jemalloc with decay off when it is installed, and otherwise tunes
+glibc in process; ``both`` runs it under that jemalloc and under glibc's defaults.
+The page faults per timed call are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn._batch_norm import batch_norm
+from jaxbn._state import init_state
+
+SHAPES = [  # (shape, feature axis, dtype)
+    ((4096, 1024), -1, "float32"),
+    ((64, 32, 32, 128), -1, "float32"),
+    ((64, 128, 32, 32), 1, "float32"),
+    ((32, 56, 56, 64), -1, "float32"),
+    ((256, 64), -1, "float32"),
+    ((4096, 1024), -1, "bfloat16"),
+    ((64, 32, 32, 128), -1, "bfloat16"),
+]
+QUICK_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[5]]
+MODES = {"fwd": 3, "fwd+bwd": 8, "bwd": 5, "eval": 2}  # minimal passes over x
+COMPETITORS = ["jaxbn", "flax", "flax_stable", "autodiff"]
+TARGETS = {"fwd": 1.10, "fwd+bwd": 0.75, "bwd": 0.75, "eval": 1.00}  # jaxbn / flax
+SMALL_BYTES = 1 << 20  # dispatch-bound below this: reported, not held to the targets
+JEMALLOC = [
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+]
+# With its default decay, jemalloc still took ~500 page faults per 16 MiB output here.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+EPS = 1e-5
+
+
+def _plain(x, gamma, beta, state, axis, training):
+    """Textbook batch norm in plain jnp, differentiated by JAX's autodiff."""
+    red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    keep = [1 if i in red else s for i, s in enumerate(x.shape)]
+    x32 = x.astype(jnp.float32)
+    if training:
+        mean = jnp.mean(x32, red)
+        var = jnp.mean(jnp.square(x32 - mean.reshape(keep)), red)
+    else:
+        mean, var = state["mean"], state["var"]
+    scale = (gamma * jax.lax.rsqrt(var + EPS)).reshape(keep)
+    y = ((x32 - mean.reshape(keep)) * scale + beta.reshape(keep)).astype(x.dtype)
+    new = {"mean": 0.9 * state["mean"] + 0.1 * mean, "var": 0.9 * state["var"] + 0.1 * var}
+    return y, new
+
+
+def competitor_fns(name, axis):
+    """``(train, evaluate, init)``: ``train(x, g, b, s) -> (y, new_s)``, ``init(C) -> s``."""
+    if name == "jaxbn":
+        train = lambda x, g, b, s: batch_norm(x, g, b, s, training=True, axis=axis, eps=EPS)
+        ev = lambda x, g, b, s: batch_norm(x, g, b, s, training=False, axis=axis, eps=EPS)[0]
+        return train, ev, init_state
+    init = lambda c: {"mean": jnp.zeros(c), "var": jnp.ones(c)}
+    if name == "autodiff":
+        train = lambda x, g, b, s: _plain(x, g, b, s, axis, True)
+        return train, lambda x, g, b, s: _plain(x, g, b, s, axis, False)[0], init
+    import flax.linen as nn  # only the benchmark needs flax
+
+    kw = dict(axis=axis, epsilon=EPS, momentum=0.9, use_fast_variance=name == "flax")
+    bn_train, bn_eval = nn.BatchNorm(False, **kw), nn.BatchNorm(True, **kw)
+    var = lambda g, b, s: {"params": {"scale": g, "bias": b}, "batch_stats": s}
+
+    def train(x, g, b, s):
+        y, upd = bn_train.apply(var(g, b, s), x, mutable=["batch_stats"])
+        return y, upd["batch_stats"]
+
+    return train, lambda x, g, b, s: bn_eval.apply(var(g, b, s), x), init
+
+
+def residual_bytes(f, *args) -> dict:
+    """Bytes that ``jax.vjp(f, *args)`` keeps for the backward, under jit.
+
+    Buffers are deduplicated by address; "full" counts those with at least as many
+    elements as ``args[0]``, "all" every one. Both are also given over ``args[0].nbytes``.
+    """
+    _, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(*args)
+    seen, full, total = set(), 0, 0
+    for leaf in jax.tree.leaves(vjp):
+        if not isinstance(leaf, jax.Array) or leaf.unsafe_buffer_pointer() in seen:
+            continue
+        seen.add(leaf.unsafe_buffer_pointer())
+        total += leaf.nbytes
+        full += leaf.nbytes if leaf.size >= args[0].size else 0
+    nbytes = args[0].nbytes
+    return dict(full=full / nbytes, all=total / nbytes, full_bytes=full, all_bytes=total)
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _cache_bytes() -> int:
+    """The last-level CPU cache, from sysfs (32 MiB when unknown)."""
+    sizes = []
+    for i in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{i}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            break
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def flusher(platform: str):
+    """A function that evicts the caches, so each timed call reads its inputs from memory.
+
+    Without it the order of the calls decides which one finds ``x`` in the cache:
+    (4096, 1024) float32 is 16 MiB and fits a 32 MiB L3.
+    """
+    if platform == "cpu":
+        buf = np.ones(2 * _cache_bytes() // 8)
+        return lambda: np.multiply(buf, 1.0, out=buf)
+    big = jnp.ones(256 << 18, jnp.float32)  # 256 MiB: more than any GPU's L2
+    touch = jax.jit(lambda v: v + 1)
+    return lambda: touch(big).block_until_ready()
+
+
+def _timed(fns: dict, reps: int, warmup: int, flush=None):
+    """Seconds of each call of each ``(f, args)``, calls interleaved across ``fns``.
+
+    Also returns the page faults per timed call, which a pooled allocator keeps near 0.
+    """
+    for f, args in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(f(*args))
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    gc.collect()
+    gc.disable()
+    start, flush_faults = _minor_faults(), 0
+    try:
+        for r in range(reps):
+            for k in names if r % 2 == 0 else names[::-1]:
+                f, args = fns[k]
+                if flush is not None:
+                    before = _minor_faults()
+                    flush()
+                    flush_faults += _minor_faults() - before
+                t = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                times[k].append(time.perf_counter() - t)
+    finally:
+        gc.enable()
+    faults = (_minor_faults() - start - flush_faults) / max(reps * len(fns), 1)
+    return {k: np.asarray(v) for k, v in times.items()}, faults
+
+
+def bench_shape(
+    shape, axis, dtype, competitors=COMPETITORS, reps=40, warmup=5, offset=0.0, flush=None
+):
+    """Times every competitor in every mode, and the floor, on one shape.
+
+    Calls of one mode by every competitor are adjacent, and a ratio is the median of
+    the per-round ratios, so a burst of load on a shared machine hits both sides.
+    """
+    rs = np.random.RandomState(0)
+    c = shape[axis]
+    keep = [c if i == axis % len(shape) else 1 for i in range(len(shape))]
+    x = jnp.asarray(rs.randn(*shape) * 2 + 1 + offset, dtype)
+    w = jnp.asarray(rs.randn(*shape), dtype)
+    g = jnp.asarray(rs.rand(c) + 0.5, jnp.float32)
+    b = jnp.asarray(rs.randn(c), jnp.float32)
+    floor = jax.jit(lambda x, a, b: (x.astype(jnp.float32) * a + b).astype(x.dtype))
+    fns = {("floor", "x*a+b"): (floor, (x, g.reshape(keep), b.reshape(keep)))}
+    residuals, out_dtype = {}, {}
+    for name in competitors:
+        train, ev, init = competitor_fns(name, axis)
+        s = init(c)
+        y_of = lambda x, g, b, train=train, s=s: train(x, g, b, s)[0]
+
+        def loss(x, g, b, w, y_of=y_of):  # w is an argument: a constant would be folded
+            return jnp.sum(y_of(x, g, b).astype(jnp.float32) * w.astype(jnp.float32))
+
+        y, vjp = jax.jit(lambda x, g, b, y_of=y_of: jax.vjp(y_of, x, g, b))(x, g, b)
+        out_dtype[name] = str(y.dtype)
+        fns[(name, "fwd")] = (jax.jit(train), (x, g, b, s))
+        fns[(name, "fwd+bwd")] = (jax.jit(jax.value_and_grad(loss, (0, 1, 2))), (x, g, b, w))
+        fns[(name, "bwd")] = (jax.jit(lambda vjp, dy: vjp(dy)), (vjp, w.astype(y.dtype)))
+        fns[(name, "eval")] = (jax.jit(ev), (x, g, b, s))
+        residuals[name] = residual_bytes(y_of, x, g, b)
+    order = [("floor", "x*a+b")] + [(k, m) for m in MODES for k in competitors]
+    t, faults = _timed({key: fns[key] for key in order}, reps, warmup, flush)
+    pass_ms = float(np.median(t[("floor", "x*a+b")])) * 1e3 / 2
+    modes = {}
+    for m, p in MODES.items():
+        ms = {k: float(np.median(t[(k, m)])) * 1e3 for k in competitors}
+        modes[m] = {
+            k: dict(ms=ms[k], ms_min=float(np.min(t[(k, m)])) * 1e3, x_floor=ms[k] / (p * pass_ms))
+            for k in competitors
+        }
+    ratio = {}
+    if "flax" in competitors:
+        ratio = {
+            m: {k: float(np.median(t[(k, m)] / t[("flax", m)])) for k in competitors} for m in MODES
+        }
+    return dict(
+        shape=list(shape),
+        axis=axis,
+        dtype=dtype,
+        nbytes=x.nbytes,
+        floor_ms=2 * pass_ms,
+        pass_gbps=x.nbytes / pass_ms / 1e6,
+        page_faults_per_call=faults,
+        modes=modes,
+        ratio_vs_flax=ratio,
+        residuals=residuals,
+        output_dtype=out_dtype,
+    )
+
+
+def summarize(rows) -> dict:
+    """Per mode, the worst and geometric-mean jaxbn/flax ratio over shapes >= 1 MiB."""
+    held = [r for r in rows if r["nbytes"] >= SMALL_BYTES and r["ratio_vs_flax"]]
+    out = {}
+    for m, target in TARGETS.items():
+        rs = [r["ratio_vs_flax"][m]["jaxbn"] for r in held]
+        if rs:
+            worst, geo = max(rs), math.exp(sum(map(math.log, rs)) / len(rs))
+            out[m] = dict(target=target, max=worst, geomean=geo, met=worst <= target)
+    res = [r["residuals"]["jaxbn"]["full"] for r in rows if "jaxbn" in r["residuals"]]
+    if res:
+        out["residuals"] = dict(target=1.0, max=max(res), met=max(res) <= 1.0)
+    return out
+
+
+def run(
+    shapes, competitors=COMPETITORS, reps=40, warmup=5, offset=0.0, cold=True, log=print
+) -> dict:
+    """Benchmarks ``shapes`` (``(shape, axis, dtype)`` triples); the JSON document."""
+    flush = flusher(jax.devices()[0].platform) if cold else None
+    rows = []
+    for shape, axis, dtype in shapes:
+        log(f"  measuring {tuple(shape)} axis {axis} {dtype} ...", flush=True)
+        row = bench_shape(tuple(shape), axis, dtype, competitors, reps, warmup, offset, flush)
+        rows.append(row)
+    config = dict(
+        reps=reps, warmup=warmup, offset=offset, cold_cache=cold, passes=MODES, targets=TARGETS
+    )
+    summary = summarize(rows)
+    return dict(
+        machine=machine(), config=config, competitors=competitors, rows=rows, summary=summary
+    )
+
+
+_GLIBC_TUNED = False
+
+
+def allocator() -> str:
+    """The malloc this process runs under (read from its memory map) and its tuning."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        maps = ""
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in maps:
+            conf = os.environ.get("MALLOC_CONF") if name == "jemalloc" else None
+            return name + (f" (MALLOC_CONF={conf})" if conf else " (default)")
+    if platform.system() != "Linux":
+        return "system"
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    tuned += ["mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)"] if _GLIBC_TUNED else []
+    return "glibc" + (f" ({', '.join(tuned)})" if tuned else " (default)")
+
+
+def tune_glibc() -> bool:
+    """Serves every block from glibc's heap and keeps it there: no mmap per call.
+
+    ``M_MMAP_THRESHOLD`` cannot exceed 32 MiB, so large blocks need ``M_MMAP_MAX=0``.
+    """
+    global _GLIBC_TUNED
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _GLIBC_TUNED = libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        _GLIBC_TUNED = False
+    return _GLIBC_TUNED
+
+
+def _jemalloc():
+    return next((p for p in JEMALLOC if os.path.exists(p)), None)
+
+
+def _rerun(argv, name, env_changes) -> dict:
+    """Runs this benchmark in a child process (the allocator is chosen at startup)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.json")
+        cmd = [sys.executable, "-m", "jaxbn", "bench", *argv]
+        cmd += ["--allocator", "current", "--json", path]
+        env = {k: v for k, v in {**os.environ, **env_changes}.items() if v is not None}
+        if subprocess.run(cmd, env=env).returncode != 0:
+            raise SystemExit(f"jaxbn bench under {name} failed")
+        with open(path) as f:
+            return json.load(f)
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import flax
+
+        flax_version = flax.__version__
+    except ImportError:
+        flax_version = None
+    return dict(
+        platform=dev.platform,
+        device=dev.device_kind,
+        cpu=cpu,
+        cpu_count=os.cpu_count(),
+        jax=jax.__version__,
+        flax=flax_version,
+        allocator=allocator(),
+        python=platform.python_version(),
+    )
+
+
+def format_table(result) -> str:
+    """The results as text: times, ratios and floors; residuals; targets."""
+    comps, nan = result["competitors"], float("nan")
+    head = f"{'shape':<23}{'dtype':<9}{'mode':<8}" + "".join(f"{c:>12}" for c in comps)
+    head += f"{'jaxbn/flax':>11}{'jaxbn xfloor':>13}{'flax xfloor':>12}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        shape = f"{tuple(r['shape'])} ax{r['axis']}"
+        for m, v in r["modes"].items():
+            line = f"{shape:<23}{r['dtype']:<9}{m:<8}"
+            line += "".join(f"{v[c]['ms']:>12.3f}" for c in comps)
+            ratio = r["ratio_vs_flax"].get(m, {}).get("jaxbn", nan)
+            floors = [v.get(c, {}).get("x_floor", nan) for c in ("jaxbn", "flax")]
+            lines.append(line + f"{ratio:>11.2f}{floors[0]:>13.2f}{floors[1]:>12.2f}")
+            shape = ""
+        lines.append(
+            f"{'':<32}floor: x*a+b {r['floor_ms']:.3f} ms, {r['pass_gbps']:.1f} GB/s per pass,"
+            f" {r['page_faults_per_call']:.0f} page faults per call"
+        )
+    lines += ["", "residuals / x bytes: full-size buffers (all buffers)"]
+    lines.append(f"{'shape':<23}{'dtype':<9}" + "".join(f"{c:>15}" for c in comps))
+    for r in result["rows"]:
+        res = [r["residuals"][c] for c in comps]
+        cells = "".join(f"{v['full']:>7.2f} ({v['all']:.3f})" for v in res)
+        lines.append(f"{str(tuple(r['shape'])):<23}{r['dtype']:<9}{cells}")
+    odd = {(c, d) for r in result["rows"] for c, d in r["output_dtype"].items() if d != r["dtype"]}
+    for c, d in sorted(odd):
+        lines.append(f"note: {c} returns {d} for a lower-precision input (float32 parameters)")
+    lines += ["", f"targets, jaxbn / flax default (shapes >= {SMALL_BYTES >> 20} MiB):"]
+    for m, s in result["summary"].items():
+        geo = f", geomean {s['geomean']:.2f}" if "geomean" in s else ""
+        met = "met" if s["met"] else "NOT met"
+        lines.append(f"  {m:<10}<= {s['target']:.2f}: worst {s['max']:.2f}{geo}  {met}")
+    return "\n".join(lines)
+
+
+def format_markdown(result) -> str:
+    """One row per shape: jaxbn ms / flax ms (ratio) per mode, and the residuals."""
+    head = "| shape, feature axis | dtype | " + " | ".join(MODES) + " | residuals |"
+    lines = [head, "|" + " --- |" * (len(MODES) + 3)]
+    for r in result["rows"]:
+        cells = [
+            f"{v['jaxbn']['ms']:.3g} / {v['flax']['ms']:.3g} ({r['ratio_vs_flax'][m]['jaxbn']:.2f})"
+            for m, v in r["modes"].items()
+        ]
+        res = f"{r['residuals']['jaxbn']['full']:.1f} / {r['residuals']['flax']['full']:.1f}"
+        lines.append(
+            f"| {tuple(r['shape'])}, {r['axis']} | {r['dtype']} | "
+            + " | ".join(cells)
+            + f" | {res} |"
+        )
+    return "\n".join(lines)
+
+
+def compare(runs) -> str:
+    """jaxbn/flax ratios side by side for runs under different allocators."""
+    lines = ["jaxbn/flax by allocator: " + " | ".join(r["machine"]["allocator"] for r in runs)]
+    for rows in zip(*(r["rows"] for r in runs)):
+        cells = [
+            f"{m} " + "|".join(f"{r['ratio_vs_flax'][m]['jaxbn']:.2f}" for r in rows) for m in MODES
+        ]
+        lines.append(
+            f"  {str(tuple(rows[0]['shape'])):<20}{rows[0]['dtype']:<9}" + "  ".join(cells)
+        )
+    return "\n".join(lines)
+
+
+def _parse_shape(text):
+    """``"64x32x32x128:-1:bfloat16"`` -> ``((64, 32, 32, 128), -1, "bfloat16")``."""
+    parts = text.split(":")
+    try:
+        shape = tuple(int(v) for v in parts[0].split("x"))
+        axis = int(parts[1]) if len(parts) > 1 and parts[1] else -1
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"got {text!r}; expected sizes joined by 'x', then optionally ':AXIS' and "
+            f"':DTYPE', e.g. 64x128x32x32:1:bfloat16."
+        ) from None
+    return shape, axis, parts[2] if len(parts) > 2 else "float32"
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="jaxbn bench", description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, help="timed calls per case (default 40, --quick 10)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 5, --quick 2)")
+    p.add_argument("--quick", action="store_true", help="three shapes, fewer calls")
+    p.add_argument(
+        "--shape",
+        action="append",
+        type=_parse_shape,
+        metavar="AxBxC[:AXIS[:DTYPE]]",
+        help="benchmark this shape instead (repeatable), e.g. 64x128x32x32:1:bfloat16",
+    )
+    p.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        help="add this to the data (randn * 2 + 1); e.g. 1e4 takes jaxbn's shifted statistics",
+    )
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="do not evict the caches before each timed call (order then matters)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown summary")
+    p.add_argument(
+        "--allocator",
+        choices=["auto", "current", "jemalloc", "glibc", "both"],
+        default="auto",
+        help="auto (default): jemalloc if installed, else glibc tuned in process; current: "
+        "as started; glibc: glibc's defaults; both: jemalloc, then glibc's defaults",
+    )
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    choice, loaded = args.allocator, allocator()
+    if choice == "auto":
+        choice = "jemalloc" if _jemalloc() and "jemalloc" not in loaded else "current"
+        if choice == "current" and loaded.startswith("glibc"):
+            tune_glibc()
+    if choice == "jemalloc" and "jemalloc" in loaded:
+        choice = "current"
+    if choice != "current":
+        return _main_children(argv, args, choice)
+    reps = args.reps or (10 if args.quick else 40)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    shapes = args.shape or (QUICK_SHAPES if args.quick else SHAPES)
+    mach = machine()
+    where = mach["cpu"] if mach["platform"] == "cpu" else mach["device"]
+    print(f"jaxbn bench on {mach['platform']} ({where}, {mach['cpu_count']} cores)")
+    print(f"jax {mach['jax']}, flax {mach['flax']}, allocator: {mach['allocator']}")
+    print(f"times in ms: median of {reps} interleaved calls after {warmup} warm-up calls;")
+    cache = "warm caches" if args.warm_cache else "caches evicted before each call"
+    print(f"jaxbn/flax: median of the per-round ratios; {cache}")
+    passes = ", ".join(f"{m} {p}" for m, p in MODES.items())
+    print(f"xfloor: time / (passes ({passes}) * one pass of x*a+b); data offset {args.offset:g}\n")
+    result = run(shapes, COMPETITORS, reps, warmup, args.offset, not args.warm_cache)
+    print(format_table(result))
+    if args.markdown:
+        print("\njaxbn ms / flax ms (jaxbn/flax); residuals: jaxbn / flax, in x's size\n")
+        print(format_markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def child_argv(argv) -> list[str]:
+    """``argv`` without ``--allocator`` and ``--json`` and their values."""
+    rest, skip = [], False
+    for a in argv:
+        if not skip and not a.startswith(("--allocator", "--json")):
+            rest.append(a)
+        skip = a in ("--allocator", "--json")
+    return rest
+
+
+def _main_children(argv, args, choice) -> int:
+    """Reruns the benchmark under jemalloc and/or glibc's defaults, in child processes."""
+    runs = []
+    if choice in ("jemalloc", "both"):
+        lib = _jemalloc()
+        if lib is None:
+            print("jaxbn bench: no libjemalloc.so.2 (apt install libjemalloc2).", file=sys.stderr)
+            return 2
+        preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))
+        conf = os.environ.get("MALLOC_CONF", JEMALLOC_CONF)
+        env = {"LD_PRELOAD": preload, "MALLOC_CONF": conf}
+        runs.append(_rerun(child_argv(argv), "jemalloc", env))
+    if choice in ("glibc", "both"):
+        unset = {k: None for k in os.environ if k == "LD_PRELOAD" or k.startswith("MALLOC_")}
+        runs.append(_rerun(child_argv(argv), "glibc", unset))
+    if len(runs) > 1:
+        print("\n" + compare(runs))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs[0] if len(runs) == 1 else {"runs": runs}, f, indent=1)
+    return 0

@@ -1,0 +1,93 @@
+"""``python -m jaxbn bench`` on tiny shapes: the table, the JSON and the residual count.
+
+Structure only: speed lives in the benchmark, never in a test.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxbn
+from jaxbn import _bench
+
+
+def test_quick_run_prints_the_table_and_writes_the_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["--quick", "--reps", "2", "--warmup", "1", "--shape", "32x8"]
+    argv += ["--shape", "4x8x3x3:1", "--allocator", "current", "--json", str(path)]
+    assert _bench.main(argv) == 0
+    out = capsys.readouterr().out
+    for text in ("jaxbn/flax", "xfloor", "floor: x*a+b", "residuals / x bytes", "allocator: "):
+        assert text in out
+    result = json.loads(path.read_text())
+    assert result["competitors"] == ["jaxbn", "flax", "flax_stable", "autodiff"]
+    assert [r["shape"] for r in result["rows"]] == [[32, 8], [4, 8, 3, 3]]
+    for row in result["rows"]:
+        assert set(row["modes"]) == {"fwd", "fwd+bwd", "bwd", "eval"}
+        for mode in row["modes"].values():
+            assert set(mode) == set(result["competitors"])
+            assert all(v["ms"] > 0 and v["x_floor"] > 0 for v in mode.values())
+        assert row["ratio_vs_flax"]["bwd"]["flax"] == 1.0
+        assert row["residuals"]["jaxbn"]["full"] == 1.0
+    # tiny shapes are dispatch-bound: only the residuals are held to a target
+    assert set(result["summary"]) == {"residuals"} and result["summary"]["residuals"]["met"]
+    assert result["machine"]["allocator"] == _bench.allocator()
+
+
+def test_residual_bytes_counts_each_buffer_once():
+    x, g = jnp.ones((32, 8)), jnp.ones(8)  # x is 1024 bytes, g 32
+
+    @jax.custom_vjp
+    def twice(x):
+        return 2 * x
+
+    twice.defvjp(lambda x: (2 * x, (x, x, x[0])), lambda res, ct: (2 * ct,))
+    assert _bench.residual_bytes(twice, x) == dict(
+        full=1.0, all=1056 / 1024, full_bytes=1024, all_bytes=1056
+    )
+    assert _bench.residual_bytes(lambda x, g: x * g[None], x, g)["all"] == 1056 / 1024
+    assert _bench.residual_bytes(lambda x, y: jnp.sin(x) * y, x, x + 1)["full"] == 3.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_jaxbn_keeps_only_x_for_the_backward(dtype):
+    x = jnp.ones((64, 8, 4, 4), dtype)
+    gamma, beta, state = jnp.ones(8), jnp.zeros(8), jaxbn.init_state(8)
+
+    def y_of(x, gamma, beta):
+        return jaxbn.batch_norm(x, gamma, beta, state, training=True, axis=1)[0]
+
+    res = _bench.residual_bytes(y_of, x, gamma, beta)
+    assert res["full"] == 1.0
+    assert res["all"] < 1.05  # and a few per-feature vectors
+
+
+def test_bad_shape_option_says_what_it_expected(capsys):
+    with pytest.raises(SystemExit):
+        _bench.main(["--shape", "64xC", "--allocator", "current"])
+    assert "expected sizes joined by 'x'" in capsys.readouterr().err
+
+
+def test_child_processes_get_every_option_but_allocator_and_json():
+    argv = ["--quick", "--allocator", "both", "--json", "a.json", "--reps=3", "--json=b"]
+    assert _bench.child_argv(argv) == ["--quick", "--reps=3"]
+
+
+def test_gpu_script_runs_on_cpu_when_asked(tmp_path, capsys):
+    pytest.importorskip("torch")
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)  # importing runs nothing
+    out = tmp_path / "gpu.json"
+    argv = ["--allow-cpu", "--shape", "4x8x3x3:1", "--reps", "2", "--warmup", "1"]
+    assert gpu_bench.main(argv + ["--json", str(out)]) == 0
+    assert "jaxbn/torch" in capsys.readouterr().out
+    row = json.loads(out.read_text())["rows"][0]
+    assert set(row["torch"]) == {
+        f"{f}/{m}" for f in ("NCHW", "channels_last") for m in _bench.MODES
+    }
