@@ -132,10 +132,6 @@ def put_sharded(v):
 def sharded_step_fn(axis_name):
     def local_step(params, state, opt_state, x, y):
         def local_loss(params, state):
-            if axis_name is None:
-                # jaxbn 0.1's hand-derived rule needs gamma and beta varying like x
-                # when the statistics are local (see the end of this notebook)
-                params = jax.tree.map(lambda p: lax.pcast(p, "batch", to="varying"), params)
             logits, new_state = apply_cnn(params, state, x, training=True, axis_name=axis_name)
             per_example = optax.softmax_cross_entropy_with_integer_labels(logits, y)
             return per_example.sum() / BATCH, new_state
@@ -273,7 +269,7 @@ plt.show()
 #
 # Unsynchronized ("ghost") batch norm is not worse as such (here it even ended with a
 # slightly higher test accuracy); it is a different algorithm, whose statistics depend
-# on how many devices share the batch. jaxbn 0.1 needs one workaround for it under
-# `shard_map`: with `axis_name=None` and replicated `gamma`/`beta`, the hand-derived
-# rule returns per-device gradients that `shard_map` rejects, so `local_step` marks the
-# parameters as varying with `lax.pcast` first.
+# on how many devices share the batch. Under `shard_map` it needs nothing special:
+# with `axis_name=None` and replicated `gamma`/`beta`, jaxbn marks them as varying like
+# `x` before its hand-derived rule, so the per-device gradients are summed as plain
+# autodiff would sum them.
