@@ -29,8 +29,6 @@
 # We use the demo's CNN (`python -m jaxbn demo`) on scikit-learn's digits.
 
 # %%
-import time
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -38,6 +36,7 @@ import numpy as np
 import optax
 
 import jaxbn
+from jaxbn._check import _time as median_ms  # median ms of jitted calls
 from jaxbn._demo import (
     apply_cnn,
     batches,
@@ -176,20 +175,8 @@ assert diff < 1e-5 and same == 1.0
 
 
 # %%
-def median_ms(f, *args, reps=200):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(ts))
-
-
-t_bn, t_folded = (
-    median_ms(eval_bn, params, population, x_test),
-    median_ms(eval_bn, folded, (), x_test),
-)
+t_bn = median_ms(eval_bn, (params, population, x_test), reps=200)
+t_folded = median_ms(eval_bn, (folded, (), x_test), reps=200)
 fig, ax = plt.subplots(figsize=(5, 2.5))
 ax.barh(["conv -> BN", "folded conv"], [t_bn, t_folded], color=["C0", "C2"])
 ax.set_xlabel(f"ms per evaluation of {len(x_test)} test images (median, CPU)")

@@ -89,12 +89,13 @@ def test_options_are_forwarded_to_the_core(run, options):
     y_core, s_core = jaxbn.batch_norm(
         x, jnp.ones(5), jnp.zeros(5), jaxbn.init_state(5), training=True, momentum=0.5, **options
     )
-    y_plain, _ = jaxbn.batch_norm(
+    y_plain, s_plain = jaxbn.batch_norm(
         x, jnp.ones(5), jnp.zeros(5), jaxbn.init_state(5), training=True, momentum=0.5
     )
     assert rel_err(y, y_core) < 1e-6
     assert rel_err(upd["batch_stats"]["var"], s_core.var) < 1e-6
-    assert rel_err(y, y_plain) > 1e-3 or rel_err(upd["batch_stats"]["var"], s_core.var) < 1e-6
+    # the option must change something, or the two checks above prove nothing
+    assert rel_err(y, y_plain) > 1e-3 or rel_err(s_core.var, s_plain.var) > 1e-3
 
 
 def test_linen_frozen_is_a_fixed_affine_map_without_gradients_for_its_params():
