@@ -201,3 +201,40 @@ def test_bfloat16_gradients_keep_dtypes():
     )
     for a, b in zip(grads, grads_ref):
         assert rel_err(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("ratio", [0.0, 3.9, 100.0, 1e4])
+def test_float32_dx_accurate_on_both_sides_of_the_backward_limit(ratio):
+    # On CPU, S2 = sum(dy * x) - mean * S1 only where |mean| <= 4 std (jaxbn._core):
+    # taken everywhere it would lose 3e-5 at 100 std and 2e-3 at 1e4 std.
+    rs = np.random.RandomState(8)
+    std = rs.uniform(0.5, 2, 16)
+    x64 = (ratio + rs.randn(4096, 16)) * std
+    dy64 = rs.randn(4096, 16) + 0.5 * (x64 / std - ratio) + 3  # a mean and a correlated part
+    x, dy = jnp.asarray(x64, jnp.float32), jnp.asarray(dy64, jnp.float32)
+    gamma = jnp.asarray(rs.rand(16) + 0.5, jnp.float32)
+    f = lambda x: jaxbn.batch_norm(x, gamma, None, jaxbn.init_state(16), training=True)[0]  # noqa: E731
+    dx = jax.vjp(f, x)[1](dy)[0]
+    with jax.enable_x64(True):
+        g64 = gamma.astype(jnp.float64)
+        _, vjp = jax.vjp(lambda x: bn_ref(x, g64, None)[0], x.astype(jnp.float64))
+        dx_ref = vjp(dy.astype(jnp.float64))[0]
+    assert rel_err(dx, dx_ref) < 2e-6
+
+
+@pytest.mark.parametrize("ratio,unshifted", [(1.0, True), (3.9, True), (4.1, False), (1e4, False)])
+def test_cpu_backward_takes_the_unshifted_sum_only_within_the_limit(ratio, unshifted):
+    from jaxbn._core import _sum_dy_xc_cpu
+
+    rs = np.random.RandomState(9)
+    shift = jnp.full(8, ratio, jnp.float32)
+    x = shift[None] + jnp.asarray(rs.randn(256, 8), jnp.float32)
+    dy = jnp.asarray(rs.randn(256, 8), jnp.float32)
+    # S1 off by one tells the formulas apart: sum(dy * x) - mean * S1 moves by -mean,
+    # the shifted sum (delta = 0) does not use S1.
+    s1_off = jnp.sum(dy, 0) + 1
+    args = ((0,), lambda v: v[None], dy, x, shift, jnp.zeros(8), jnp.ones(8), s1_off)
+    got = jax.jit(_sum_dy_xc_cpu, static_argnums=(0, 1))(*args)
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    s2 = np.sum(dy64 * (x64 - ratio), 0)
+    np.testing.assert_allclose(got, s2 - ratio if unshifted else s2, rtol=0, atol=ratio * 1e-3)
