@@ -29,6 +29,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -123,6 +124,17 @@ def residual_bytes(f, *args) -> dict:
     return dict(full=full / nbytes, all=total / nbytes, full_bytes=full, all_bytes=total)
 
 
+def program(f, *args) -> list[str]:
+    """The optimized HLO of ``jax.jit(f)(*args)``, its instructions without names or metadata.
+
+    Two competitors with equal programs differ only by noise.
+    """
+    text = jax.jit(f).lower(*args).compile().as_text()
+    lines = [ln for ln in text.splitlines() if " = " in ln]
+    lines = [re.sub(r", metadata=\{[^}]*\}", "", ln) for ln in lines]
+    return [re.sub(r"%[\w.\-]+", "%", ln).strip() for ln in lines]
+
+
 def _timed(fns: dict, reps: int, warmup: int, flush=None):
     """Seconds of each call of each ``(f, args)``, calls interleaved across ``fns``.
 
@@ -186,6 +198,12 @@ def bench_shape(
         fns[(name, "bwd")] = (jax.jit(lambda vjp, dy: vjp(dy)), (vjp, w.astype(y.dtype)))
         fns[(name, "eval")] = (jax.jit(ev), (x, g, b, s))
         residuals[name] = residual_bytes(y_of, x, g, b)
+    same = {
+        m: program(fns[("jaxbn", m)][0], *fns[("jaxbn", m)][1])
+        == program(fns[("flax", m)][0], *fns[("flax", m)][1])
+        for m in MODES
+        if "flax" in competitors
+    }
     order = [("floor", "x*a+b")] + [(k, m) for m in MODES for k in competitors]
     t, faults = _timed({key: fns[key] for key in order}, reps, warmup, flush)
     pass_ms = float(np.median(t[("floor", "x*a+b")])) * 1e3 / 2
@@ -213,18 +231,26 @@ def bench_shape(
         ratio_vs_flax=ratio,
         residuals=residuals,
         output_dtype=out_dtype,
+        same_program_as_flax=same,
     )
 
 
 def summarize(rows) -> dict:
-    """Per mode, the worst and geometric-mean jaxbn/flax ratio over shapes >= 1 MiB."""
+    """Per mode, the worst and geometric-mean jaxbn/flax ratio over shapes >= 1 MiB.
+
+    A target of at least 1 also counts as met on a shape where jaxbn compiles to the
+    same program as flax (``parity``): its ratio is then 1 but for noise.
+    """
     held = [r for r in rows if r["nbytes"] >= SMALL_BYTES and r["ratio_vs_flax"]]
     out = {}
     for m, target in TARGETS.items():
         rs = [r["ratio_vs_flax"][m]["jaxbn"] for r in held]
         if rs:
             worst, geo = max(rs), math.exp(sum(map(math.log, rs)) / len(rs))
-            out[m] = dict(target=target, max=worst, geomean=geo, met=worst <= target)
+            same = [r.get("same_program_as_flax", {}).get(m, False) for r in held]
+            parity = target >= 1 and any(same)
+            met = all(v <= target or (s and target >= 1) for v, s in zip(rs, same))
+            out[m] = dict(target=target, max=worst, geomean=geo, met=met, parity=parity)
     res = [r["residuals"]["jaxbn"]["full"] for r in rows if "jaxbn" in r["residuals"]]
     if res:
         out["residuals"] = dict(target=1.0, max=max(res), met=max(res) <= 1.0)
@@ -282,6 +308,8 @@ def format_table(result) -> str:
     for m, s in result["summary"].items():
         geo = f", geomean {s['geomean']:.2f}" if "geomean" in s else ""
         met = "met" if s["met"] else "NOT met"
+        if s.get("parity"):
+            met += " (the same compiled program as flax's on some shapes: their ratio is noise)"
         lines.append(f"  {m:<10}<= {s['target']:.2f}: worst {s['max']:.2f}{geo}  {met}")
     return "\n".join(lines)
 

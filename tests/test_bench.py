@@ -33,6 +33,13 @@ def test_quick_run_prints_the_table_and_writes_the_json(tmp_path, capsys):
             assert all(v["ms"] > 0 and v["x_floor"] > 0 for v in mode.values())
         assert row["ratio_vs_flax"]["bwd"]["flax"] == 1.0
         assert row["residuals"]["jaxbn"]["full"] == 1.0
+        # eval compiles to flax's program; training does not (other statistics, custom rule)
+        assert row["same_program_as_flax"] == {
+            "fwd": False,
+            "fwd+bwd": False,
+            "bwd": False,
+            "eval": True,
+        }
     # tiny shapes are dispatch-bound: only the residuals are held to a target
     assert set(result["summary"]) == {"residuals"} and result["summary"]["residuals"]["met"]
     assert result["machine"]["allocator"] == _bench.allocator()
@@ -64,6 +71,23 @@ def test_jaxbn_keeps_only_x_for_the_backward(dtype):
     res = _bench.residual_bytes(y_of, x, gamma, beta)
     assert res["full"] == 1.0
     assert res["all"] < 1.05  # and a few per-feature vectors
+
+
+def test_program_ignores_names_but_not_operations():
+    x, a = jnp.ones((16, 4)), jnp.ones((1, 4))
+    assert _bench.program(lambda x, a: x * a, x, a) == _bench.program(lambda y, b: y * b, x, a)
+    assert _bench.program(lambda x, a: x * a, x, a) != _bench.program(lambda x, a: x + a, x, a)
+
+
+def test_parity_meets_a_target_of_one_but_not_below():
+    row = dict(nbytes=1 << 20, residuals={})
+    row["ratio_vs_flax"] = {m: {"jaxbn": 1.03} for m in _bench.MODES}
+    row["same_program_as_flax"] = {m: m == "eval" for m in _bench.MODES}
+    summary = _bench.summarize([row])
+    assert summary["eval"]["met"] and summary["eval"]["parity"]
+    assert not summary["fwd+bwd"]["met"]  # same program would not meet 0.75 either
+    row["same_program_as_flax"]["eval"] = False
+    assert not _bench.summarize([row])["eval"]["met"]
 
 
 def test_bad_shape_option_says_what_it_expected(capsys):
