@@ -129,7 +129,7 @@ def program(f, *args) -> list[str]:
 
     Two competitors with equal programs differ only by noise.
     """
-    text = jax.jit(f).lower(*args).compile().as_text()
+    text = jax.jit(f).lower(*args).compile().as_text() or ""
     lines = [ln for ln in text.splitlines() if " = " in ln]
     lines = [re.sub(r", metadata=\{[^}]*\}", "", ln) for ln in lines]
     return [re.sub(r"%[\w.\-]+", "%", ln).strip() for ln in lines]
