@@ -25,6 +25,7 @@ The page faults per timed call are reported.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -382,6 +383,13 @@ def _parser():
         action="store_true",
         help="do not evict the caches before each timed call (order then matters)",
     )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat in this many fresh processes and report each cell's median "
+        "(a process's memory layout can move a ratio by 5-10%%)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown summary")
     p.add_argument(
@@ -418,7 +426,15 @@ def main(argv=None) -> int:
     print(f"jaxbn/flax: median of the per-round ratios; {cache}")
     passes = ", ".join(f"{m} {p}" for m, p in MODES.items())
     print(f"xfloor: time / (passes ({passes}) * one pass of x*a+b); data offset {args.offset:g}\n")
-    result = run(shapes, COMPETITORS, reps, warmup, args.offset, not args.warm_cache)
+    if args.runs > 1:
+        runs = []
+        for i in range(args.runs):
+            print(f"  run {i + 1} of {args.runs} in a fresh process ...", flush=True)
+            runs.append(_rerun(child_argv(argv) + ["--runs", "1"], "run", {}, quiet=True))
+        result = median_of_runs(runs)
+        print(f"each cell: the median of {args.runs} runs")
+    else:
+        result = run(shapes, COMPETITORS, reps, warmup, args.offset, not args.warm_cache)
     print(format_table(result))
     if args.markdown:
         print("\njaxbn ms / flax ms (jaxbn/flax); residuals: jaxbn / flax, in x's size\n")
@@ -430,13 +446,35 @@ def main(argv=None) -> int:
 
 
 def child_argv(argv) -> list[str]:
-    """``argv`` without ``--allocator`` and ``--json`` and their values."""
-    rest, skip = [], False
+    """``argv`` without ``--allocator``, ``--json`` and ``--runs`` and their values."""
+    rest, skip, own = [], False, ("--allocator", "--json", "--runs")
     for a in argv:
-        if not skip and not a.startswith(("--allocator", "--json")):
+        if not skip and not a.startswith(own):
             rest.append(a)
-        skip = a in ("--allocator", "--json")
+        skip = a in own
     return rest
+
+
+def median_of_runs(runs) -> dict:
+    """One result whose times, floors and ratios are the medians over ``runs``."""
+    out = copy.deepcopy(runs[0])
+    med = lambda values: float(np.median(list(values)))  # noqa: E731
+    for i, row in enumerate(out["rows"]):
+        rows = [r["rows"][i] for r in runs]
+        row["floor_ms"] = med(r["floor_ms"] for r in rows)
+        row["pass_gbps"] = med(r["pass_gbps"] for r in rows)
+        for m, per in row["modes"].items():
+            for k, v in per.items():
+                for field in ("ms", "ms_min", "x_floor"):
+                    v[field] = med(r["modes"][m][k][field] for r in rows)
+        for m, per in row["ratio_vs_flax"].items():
+            for k in per:
+                per[k] = med(r["ratio_vs_flax"][m][k] for r in rows)
+        for m in row["same_program_as_flax"]:
+            row["same_program_as_flax"][m] = all(r["same_program_as_flax"][m] for r in rows)
+    out["summary"] = summarize(out["rows"])
+    out["config"]["runs"] = len(runs)
+    return out
 
 
 def _main_children(argv, args, choice) -> int:

@@ -105,14 +105,15 @@ def _jemalloc():
     return next((p for p in JEMALLOC if os.path.exists(p)), None)
 
 
-def _rerun(argv, name, env_changes) -> dict:
+def _rerun(argv, name, env_changes, quiet=False) -> dict:
     """Runs this benchmark in a child process (the allocator is chosen at startup)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.json")
         cmd = [sys.executable, "-m", "jaxbn", "bench", *argv]
         cmd += ["--allocator", "current", "--json", path]
         env = {k: v for k, v in {**os.environ, **env_changes}.items() if v is not None}
-        if subprocess.run(cmd, env=env).returncode != 0:
+        out = subprocess.DEVNULL if quiet else None
+        if subprocess.run(cmd, env=env, stdout=out).returncode != 0:
             raise SystemExit(f"jaxbn bench under {name} failed")
         with open(path) as f:
             return json.load(f)

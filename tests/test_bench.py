@@ -3,6 +3,7 @@
 Structure only: speed lives in the benchmark, never in a test.
 """
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -98,7 +99,24 @@ def test_bad_shape_option_says_what_it_expected(capsys):
 
 def test_child_processes_get_every_option_but_allocator_and_json():
     argv = ["--quick", "--allocator", "both", "--json", "a.json", "--reps=3", "--json=b"]
-    assert _bench.child_argv(argv) == ["--quick", "--reps=3"]
+    assert _bench.child_argv(argv + ["--runs", "3"]) == ["--quick", "--reps=3"]
+
+
+def test_median_of_runs_takes_each_cells_median_and_resummarizes():
+    one = _bench.run([((1024, 256), -1, "float32")], reps=2, warmup=1, log=lambda *a, **k: None)
+    runs = []
+    for ratio in (0.5, 2.0, 0.9):
+        r = copy.deepcopy(one)
+        r["rows"][0]["ratio_vs_flax"]["fwd"]["jaxbn"] = ratio
+        r["rows"][0]["modes"]["bwd"]["flax"]["ms"] = 10 * ratio
+        runs.append(r)
+    merged = _bench.median_of_runs(runs)
+    assert merged["rows"][0]["ratio_vs_flax"]["fwd"]["jaxbn"] == 0.9
+    assert merged["rows"][0]["modes"]["bwd"]["flax"]["ms"] == 9.0
+    assert merged["summary"]["fwd"]["max"] == 0.9 and merged["summary"]["fwd"]["met"]
+    assert (
+        merged["config"]["runs"] == 3 and runs[0]["rows"][0]["ratio_vs_flax"]["fwd"]["jaxbn"] == 0.5
+    )
 
 
 def test_gpu_script_runs_on_cpu_when_asked(tmp_path, capsys):
