@@ -430,7 +430,7 @@ def main(argv=None) -> int:
         runs = []
         for i in range(args.runs):
             print(f"  run {i + 1} of {args.runs} in a fresh process ...", flush=True)
-            runs.append(_rerun(child_argv(argv) + ["--runs", "1"], "run", {}, quiet=True))
+            runs.append(_rerun(child_argv(argv, RUN_OWN) + ["--runs", "1"], "run", {}, quiet=True))
         result = median_of_runs(runs)
         print(f"each cell: the median of {args.runs} runs")
     else:
@@ -445,9 +445,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def child_argv(argv) -> list[str]:
-    """``argv`` without ``--allocator``, ``--json`` and ``--runs`` and their values."""
-    rest, skip, own = [], False, ("--allocator", "--json", "--runs")
+RUN_OWN = ("--allocator", "--json", "--runs")  # what a child of --runs does not get
+
+
+def child_argv(argv, own=("--allocator", "--json")) -> list[str]:
+    """``argv`` without the options in ``own`` and their values."""
+    rest, skip = [], False
     for a in argv:
         if not skip and not a.startswith(own):
             rest.append(a)

@@ -99,7 +99,8 @@ def test_bad_shape_option_says_what_it_expected(capsys):
 
 def test_child_processes_get_every_option_but_allocator_and_json():
     argv = ["--quick", "--allocator", "both", "--json", "a.json", "--reps=3", "--json=b"]
-    assert _bench.child_argv(argv + ["--runs", "3"]) == ["--quick", "--reps=3"]
+    assert _bench.child_argv(argv + ["--runs", "3"]) == ["--quick", "--reps=3", "--runs", "3"]
+    assert _bench.child_argv(argv + ["--runs", "3"], _bench.RUN_OWN) == ["--quick", "--reps=3"]
 
 
 def test_median_of_runs_takes_each_cells_median_and_resummarizes():
