@@ -14,6 +14,11 @@ Residuals are the buffers a ``jax.vjp`` closure keeps for the backward (deduplic
 by address), as a multiple of ``x.nbytes``: "full" counts the buffers with as many
 elements as ``x``, "all" adds the per-feature vectors.
 
+A process's memory layout moves a ratio by 5-10% between runs: ``--runs K`` repeats
+the benchmark in fresh processes and reports each cell's median. Where jaxbn compiles
+to flax's own program (same optimized HLO but for names), the table says so, and a
+target of 1 counts as met there: the ratio is 1 but for noise.
+
 On CPU, a fresh output of >= 32 MiB page-faults on every call under glibc's default
 malloc (and jemalloc's default decay still faults freed pages back in), which can
 dominate a memory-bound op. ``--allocator auto`` (the default) therefore reruns the
