@@ -97,3 +97,23 @@ def test_state_is_never_mutated_and_keeps_shapes_and_dtypes(training):
             assert jax.tree.map(lambda v: (v.shape, v.dtype), new) == jax.tree.map(
                 lambda v: (v.shape, v.dtype), s
             )
+
+
+def _root_and_x(f, *args):
+    """The compiled entry computation's ROOT line, and the name of its first parameter."""
+    text = jax.jit(f).lower(*args).compile().as_text()
+    lines = text[text.index("\nENTRY") :].splitlines()
+    root = next(ln for ln in lines if ln.strip().startswith("ROOT"))
+    x = next(ln for ln in lines if " parameter(0)" in ln).split("=")[0].strip()
+    return root.split(", metadata")[0], x
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_output_fuses_with_a_following_relu(training):
+    # relu(y) comes out of one fusion that reads x: the normalization leaves XLA free
+    # to fuse its consumer (no cond, call or custom call around it), as flax's does.
+    x, g, b = setup(shape=(64, 16))
+    s = jaxbn.init_state(16)
+    f = lambda x, s: jax.nn.relu(jaxbn.batch_norm(x, g, b, s, training=training)[0])  # noqa: E731
+    root, x_name = _root_and_x(f, x, s)
+    assert "maximum" in root and " fusion(" in root and x_name in root, root
