@@ -9,7 +9,8 @@ JAX competitors interleaved) on the GPU, then times ``torch.nn.functional.batch_
 (cuDNN) on the same shapes in NCHW and channels_last, and measures device-to-device
 copy bandwidth (``torch`` ``copy_`` of 1 GiB, counted as read + write). It prints each
 mode's bandwidth as a fraction of the copy bandwidth (forward + backward counted as 8
-passes over x, training forward 3, backward 5, eval 2) and jaxbn / flax and
+passes over x, also with a relu after the normalization, training forward 3, backward
+5, eval 2) and jaxbn / flax and
 jaxbn / torch ratios. Targets (issue 6): forward + backward at >= 70% of copy
 bandwidth and not slower than PyTorch's.
 
@@ -67,6 +68,11 @@ def torch_fns(torch, shape, axis, dtype, device):
             loss = (y.float() * w.float()).sum()
             return torch.autograd.grad(loss, (x, weight, bias))
 
+        def relu_fwd_bwd(x=x, w=w, weight=weight, bias=bias, mean=mean, var=var):
+            y = F.relu(F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5))
+            loss = (y.float() * w.float()).sum()
+            return torch.autograd.grad(loss, (x, weight, bias))
+
         y = F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
 
         def bwd(y=y, w=w, x=x, weight=weight, bias=bias):
@@ -77,6 +83,7 @@ def torch_fns(torch, shape, axis, dtype, device):
                 return F.batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5)
 
         modes = {"fwd": fwd, "fwd+bwd": fwd_bwd, "bwd": bwd, "eval": evaluate}
+        modes["fb+relu"] = relu_fwd_bwd
         fns.update({(fmt, m): f for m, f in modes.items()})
     return fns
 

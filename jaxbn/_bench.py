@@ -5,7 +5,9 @@ Batch norm is memory-bound, so each time is also a multiple of its minimal traff
 gives the time of one pass over ``x``, and a mode that must move ``k`` passes is
 divided by ``k`` of them: training forward 3, eval 2, backward 5, forward + backward
 8 (XLA:CPU does not fuse sibling reductions, so about 4 is the realistic training
-forward there). Competitors run interleaved in one process, the calls of one mode
+forward there). "fb+relu" is forward + backward with a relu between the
+normalization and the loss, the usual BN -> ReLU: ``dy`` is then computed, where
+"fwd+bwd" gets it for free, and its own traffic narrows jaxbn's lead. Competitors run interleaved in one process, the calls of one mode
 adjacent, and the caches are evicted before each call (else the order decides who
 finds ``x`` in a 32 MiB L3); each time is the median of ``--reps`` calls after
 ``--warmup`` calls, and each ratio the median of the per-round ratios.
@@ -66,7 +68,7 @@ SHAPES = [  # (shape, feature axis, dtype)
     ((64, 32, 32, 128), -1, "bfloat16"),
 ]
 QUICK_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[5]]
-MODES = {"fwd": 3, "fwd+bwd": 8, "bwd": 5, "eval": 2}  # minimal passes over x
+MODES = {"fwd": 3, "fwd+bwd": 8, "bwd": 5, "eval": 2, "fb+relu": 8}  # minimal passes over x
 COMPETITORS = ["jaxbn", "flax", "flax_stable", "autodiff"]
 TARGETS = {"fwd": 1.10, "fwd+bwd": 0.75, "bwd": 0.75, "eval": 1.00}  # jaxbn / flax
 SMALL_BYTES = 1 << 20  # dispatch-bound below this: reported, not held to the targets
@@ -203,6 +205,8 @@ def bench_shape(
         fns[(name, "fwd+bwd")] = (jax.jit(jax.value_and_grad(loss, (0, 1, 2))), (x, g, b, w))
         fns[(name, "bwd")] = (jax.jit(lambda vjp, dy: vjp(dy)), (vjp, w.astype(y.dtype)))
         fns[(name, "eval")] = (jax.jit(ev), (x, g, b, s))
+        relu_loss = lambda x, g, b, w, y_of=y_of: loss(x, g, b, w, lambda *a: jax.nn.relu(y_of(*a)))  # noqa: E731
+        fns[(name, "fb+relu")] = (jax.jit(jax.value_and_grad(relu_loss, (0, 1, 2))), (x, g, b, w))
         residuals[name] = residual_bytes(y_of, x, g, b)
     same = {
         m: program(fns[("jaxbn", m)][0], *fns[("jaxbn", m)][1])
