@@ -7,10 +7,11 @@ divided by ``k`` of them: training forward 3, eval 2, backward 5, forward + back
 8 (XLA:CPU does not fuse sibling reductions, so about 4 is the realistic training
 forward there). "fb+relu" is forward + backward with a relu between the
 normalization and the loss, the usual BN -> ReLU: ``dy`` is then computed, where
-"fwd+bwd" gets it for free, and its own traffic narrows jaxbn's lead. Competitors run interleaved in one process, the calls of one mode
-adjacent, and the caches are evicted before each call (else the order decides who
-finds ``x`` in a 32 MiB L3); each time is the median of ``--reps`` calls after
-``--warmup`` calls, and each ratio the median of the per-round ratios.
+"fwd+bwd" gets it for free, and its own traffic narrows jaxbn's lead. Competitors
+run interleaved in one process, the calls of one mode adjacent, and the caches are
+evicted before each call (else the order decides who finds ``x`` in a 32 MiB L3);
+each time is the median of ``--reps`` calls after ``--warmup`` calls, and each ratio
+the median of the per-round ratios.
 
 Residuals are the buffers a ``jax.vjp`` closure keeps for the backward (deduplicated
 by address), as a multiple of ``x.nbytes``: "full" counts the buffers with as many
@@ -205,7 +206,8 @@ def bench_shape(
         fns[(name, "fwd+bwd")] = (jax.jit(jax.value_and_grad(loss, (0, 1, 2))), (x, g, b, w))
         fns[(name, "bwd")] = (jax.jit(lambda vjp, dy: vjp(dy)), (vjp, w.astype(y.dtype)))
         fns[(name, "eval")] = (jax.jit(ev), (x, g, b, s))
-        relu_loss = lambda x, g, b, w, y_of=y_of: loss(x, g, b, w, lambda *a: jax.nn.relu(y_of(*a)))  # noqa: E731
+        relu_y_of = lambda *a, y_of=y_of: jax.nn.relu(y_of(*a))  # noqa: E731
+        relu_loss = lambda x, g, b, w, f=relu_y_of: loss(x, g, b, w, f)  # noqa: E731
         fns[(name, "fb+relu")] = (jax.jit(jax.value_and_grad(relu_loss, (0, 1, 2))), (x, g, b, w))
         residuals[name] = residual_bytes(y_of, x, g, b)
     same = {
