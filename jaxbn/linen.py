@@ -22,7 +22,8 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._batch_norm import batch_norm, frozen_batch_norm
+from jaxbn._batch_norm import frozen_batch_norm
+from jaxbn._modules import core_options, module_batch_norm
 from jaxbn._state import BatchNormState
 
 __all__ = ["BatchNorm"]
@@ -75,9 +76,9 @@ class BatchNorm(nn.Module):
     - ``force_float32_reductions`` is accepted and ignored for the arithmetic:
       statistics are always computed in at least float32. With False the stored
       ``batch_stats`` keep Flax's dtype (``param_dtype``), so trees still match.
-    - During ``init`` the statistics are neither updated (as in Flax) nor
-      computed: ``init`` normalizes with the initial running statistics, so it
-      accepts a batch of one example and needs no named axis.
+    - ``init`` in training normalizes with the statistics of the batch it is
+      given and does not update the running ones, as Flax's does; like Flax it
+      ignores ``axis_name`` there, and jaxbn's ``virtual_batch_size`` too.
     - The gradient is jaxbn's hand-derived backward.
 
     The output dtype is Flax's: ``dtype`` if given, else the promoted dtype of
@@ -150,19 +151,6 @@ class BatchNorm(nn.Module):
     virtual_batch_size: int | None = None
     frozen: bool = False
 
-    def _core_options(self) -> dict:
-        """The keyword arguments this module forwards to :func:`jaxbn.batch_norm`."""
-        return dict(
-            axis=self.axis,
-            momentum=self.momentum,
-            eps=self.epsilon,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            unbiased_running_var=self.unbiased_running_var,
-            renorm=self.renorm,
-            virtual_batch_size=self.virtual_batch_size,
-        )
-
     @nn.compact
     def __call__(
         self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None
@@ -211,21 +199,18 @@ class BatchNorm(nn.Module):
             return frozen_batch_norm(
                 x, scale, bias, state, axis=self.axis, eps=self.epsilon
             ).astype(out_dtype)
-        update = not use_running_average and not self.is_initializing()
+        training = not use_running_average
+        initializing = self.is_initializing()
+        update = training and not initializing
         if update and not self.is_mutable_collection("batch_stats"):
             raise ValueError(
                 "BatchNorm was called in training mode (use_running_average=False) with an "
                 'immutable "batch_stats" collection; pass mutable=["batch_stats"] to '
                 "apply, or use_running_average=True to evaluate."
             )
-        y, new = batch_norm(
-            x,
-            scale,
-            bias,
-            state,
-            training=update,
-            mask=mask,
-            **self._core_options(),
+        options = core_options(self, training=training, initializing=initializing)
+        y, new = module_batch_norm(
+            x, scale, bias, state, training=training, mask=mask, options=options
         )
         if update:
             ra_mean.value = new.mean.astype(stats_dtype)

@@ -24,7 +24,8 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._batch_norm import batch_norm, frozen_batch_norm
+from jaxbn._batch_norm import frozen_batch_norm
+from jaxbn._modules import core_options, module_batch_norm
 from jaxbn._state import BatchNormState
 
 __all__ = ["BatchNorm"]
@@ -165,19 +166,6 @@ class BatchNorm(nnx.Module):
         self.virtual_batch_size = virtual_batch_size
         self.frozen = frozen
 
-    def _core_options(self) -> dict:
-        """The keyword arguments this module forwards to :func:`jaxbn.batch_norm`."""
-        return dict(
-            axis=self.axis,
-            momentum=self.momentum,
-            eps=self.epsilon,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            unbiased_running_var=self.unbiased_running_var,
-            renorm=self.renorm,
-            virtual_batch_size=self.virtual_batch_size,
-        )
-
     def __call__(
         self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None
     ):
@@ -224,12 +212,22 @@ class BatchNorm(nnx.Module):
         if self.frozen:
             return frozen_batch_norm(x, scale, bias, state, axis=self.axis, eps=self.epsilon)
         training = not use_running_average
-        y, new = batch_norm(
-            x, scale, bias, state, training=training, mask=mask, **self._core_options()
+        y, new = module_batch_norm(
+            x,
+            scale,
+            bias,
+            state,
+            training=training,
+            mask=mask,
+            options=core_options(self, training=training),
         )
         if training:
-            self.mean[...] = new.mean
-            self.var[...] = new.var
+            # As Flax does: the stored statistics carry no tangent (a hijax variable,
+            # updated in place, cannot hold one).
+            can_update = self.mean._can_update or self.var._can_update
+            keep = jax.lax.stop_gradient if can_update else lambda v: v
+            self.mean[...] = keep(new.mean)
+            self.var[...] = keep(new.var)
             if self.momentum is None:
                 self.count[...] = new.count
         return y

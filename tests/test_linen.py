@@ -134,7 +134,7 @@ def test_init_gives_flaxs_variables(config):
 
 
 def test_init_accepts_one_example():
-    # a common idiom; jaxbn's training mode needs two values per feature, init does not
+    # a common idiom: one value per feature, normalized to bias as in Flax
     x = jnp.ones((1, 5))
     ours = MLP().init(jax.random.key(0), x, train=True)
     theirs = MLP(FlaxBN).init(jax.random.key(0), x, train=True)
