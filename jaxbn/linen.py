@@ -162,15 +162,16 @@ class BatchNorm(nn.Module):
             ``(N, C)``.
           use_running_average: True for evaluation; given here or to the
             constructor, not both.
-          mask: boolean, broadcastable to ``x``: the values that count toward the
-            statistics.
+          mask: broadcastable to ``x``: the values that count toward the
+            statistics (read as booleans, as Flax's module does).
 
         Returns:
           The normalized ``x``, same shape, in the dtype described above.
 
         Raises:
-          ValueError: if ``use_running_average`` is given twice or never, or in
-            training when ``batch_stats`` is not mutable.
+          ValueError: if ``use_running_average`` is given twice or never.
+          flax.errors.ModifyScopeVariableError: in training when
+            ``batch_stats`` is not mutable, as Flax's module raises.
         """
         use_running_average = _merge_use_running_average(
             self.use_running_average, use_running_average
@@ -201,18 +202,13 @@ class BatchNorm(nn.Module):
             ).astype(out_dtype)
         training = not use_running_average
         initializing = self.is_initializing()
-        update = training and not initializing
-        if update and not self.is_mutable_collection("batch_stats"):
-            raise ValueError(
-                "BatchNorm was called in training mode (use_running_average=False) with an "
-                'immutable "batch_stats" collection; pass mutable=["batch_stats"] to '
-                "apply, or use_running_average=True to evaluate."
-            )
+        if mask is not None:  # Flax's module takes any mask dtype as booleans
+            mask = jnp.asarray(mask, bool)
         options = core_options(self, training=training, initializing=initializing)
         y, new = module_batch_norm(
             x, scale, bias, state, training=training, mask=mask, options=options
         )
-        if update:
+        if training and not initializing:  # immutable batch_stats: Flax's error, raised here
             ra_mean.value = new.mean.astype(stats_dtype)
             ra_var.value = new.var.astype(stats_dtype)
             if count is not None:
