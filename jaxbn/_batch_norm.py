@@ -73,26 +73,28 @@ def _update(state: BatchNormState, mean, var, seen, momentum) -> BatchNormState:
         keep, w = jnp.asarray(momentum, dt), jnp.asarray(1 - momentum, dt)
     new_mean = keep * state.mean + w * mean.astype(dt)
     new_var = keep * state.var + w * var.astype(dt)
-    if seen is not None:  # masked: a feature that saw no value keeps its statistics
+    step = jnp.ones((), state.count.dtype)
+    if seen is not None:  # masked: a feature that saw no value keeps its statistics,
         new_mean = jnp.where(seen, new_mean, state.mean)
         new_var = jnp.where(seen, new_var, state.var)
-    return BatchNormState(new_mean, new_var, state.count + 1)
+        step = jnp.any(seen).astype(state.count.dtype)  # and a step that saw none is no update
+    return BatchNormState(new_mean, new_var, state.count + step)
 
 
-def _normalize_train(cfg, x, gamma, beta, mask, renorm, custom_vjp):
+def _normalize_train(cfg, x, gamma, beta, mask, renorm, custom_vjp, fallback):
     """Training-mode output and batch statistics ``(y, mean, var, count)``."""
     if not custom_vjp:
-        return _fwd(cfg, x, gamma, beta, mask, renorm)[0]
+        return _fwd(cfg, x, gamma, beta, mask, renorm, fallback)[0]
     gamma, beta = _vary_like_x(gamma, x), _vary_like_x(beta, x)
     try:
-        return _train(cfg, x, gamma, beta, mask, renorm)
+        return _train(cfg, x, gamma, beta, mask, renorm, fallback)
     except TypeError as err:
         if "forward-mode" not in str(err):
             raise
         raise TypeError(_FORWARD_MODE_HINT) from err
 
 
-def _ghost(cfg, x, gamma, beta, mask, renorm, custom_vjp, size):
+def _ghost(cfg, x, gamma, beta, mask, renorm, custom_vjp, fallback, size):
     """Ghost batches: axis 0 split into groups of ``size``, each with its own statistics.
 
     The groups become one more kept axis, so the core normalizes them unchanged;
@@ -104,7 +106,10 @@ def _ghost(cfg, x, gamma, beta, mask, renorm, custom_vjp, size):
     gcfg = cfg._replace(axes=(0,) + tuple(a + 1 for a in cfg.axes))
     mg = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(xg.shape)
     rg = None if renorm is None else renorm._replace(mean=tile(renorm.mean), var=tile(renorm.var))
-    y, mean, var, count = _normalize_train(gcfg, xg, tile(gamma), tile(beta), mg, rg, custom_vjp)
+    fg = None if fallback is None else tuple(tile(v) for v in fallback)
+    y, mean, var, count = _normalize_train(
+        gcfg, xg, tile(gamma), tile(beta), mg, rg, custom_vjp, fg
+    )
     return y.reshape(x.shape), mean, var, count
 
 
@@ -207,10 +212,11 @@ def batch_norm(
     reduced = [i for i in range(x.ndim) if i not in cfg.axes]
     _checks.check_batch_size((size,) + x.shape[1:] if size else x.shape, reduced, axis_name)
     rn = None if limits is None else Renorm(state.mean, state.var, *limits)
+    fallback = None if mask is None else (state.mean, state.var)
     if size:
-        y, mean, var, count = _ghost(cfg, x, gamma, beta, mask, rn, custom_vjp, size)
+        y, mean, var, count = _ghost(cfg, x, gamma, beta, mask, rn, custom_vjp, fallback, size)
     else:
-        y, mean, var, count = _normalize_train(cfg, x, gamma, beta, mask, rn, custom_vjp)
+        y, mean, var, count = _normalize_train(cfg, x, gamma, beta, mask, rn, custom_vjp, fallback)
     if unbiased_running_var:
         var = jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)
     seen = None if mask is None else count > 0

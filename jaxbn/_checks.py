@@ -129,7 +129,7 @@ def check_mask(mask, x_shape: tuple[int, ...]):
             f"mask has shape {mask.shape}, which does not broadcast to x's shape "
             f"{x_shape}; expected a boolean array broadcastable to x."
         )
-    return mask
+    return jnp.reshape(mask, (1,) * (len(x_shape) - mask.ndim) + mask.shape)
 
 
 def check_training(training) -> bool:

@@ -29,13 +29,24 @@ and ``dgamma = r * rstd * S2 + d * S1``.
 This is the notes' closed form (``batchnorm_backward_alt``) with the mask and the
 statistics' cotangents added; their staged version multiplies two branches that
 must be added (see ERRATA). The residuals are ``x`` itself and per-feature vectors:
-``xc`` is recomputed, so nothing of the input's size is stored twice, and both
-sums are read straight from ``x`` and ``dy`` (on CPU, ``S2`` as ``sum(dy * x) - mean * S1``
-where every ``|mean| <= 4 std``: see ``_sum_dy_xc_cpu``).
+``xc`` is recomputed, so nothing of the input's size is stored twice. The backward
+reads ``x`` and ``dy`` twice, once for both sums (one reduce, ``jaxbn._stats``) and once
+for ``dx``; with the forward's two (statistics, then ``y``) that is the physical floor.
+
+A feature with no value that counts (a mask excludes all of it) has no batch
+statistics: it is normalized with ``fallback`` (the running statistics in
+``batch_norm``; mean 0 and variance 1 in ``batch_norm_fwd``), as a constant map, and
+those are the statistics returned for it. Its ``m`` is 0 everywhere, so the rule
+above already gives ``dx = a * dy`` there.
 
 Across devices (``axis_name``), ``n``, ``S1`` and ``S2`` are psum'd, since every
 device's outputs depend on the shared statistics; ``dgamma`` and ``dbeta`` stay this
 device's share, as autodiff of ``gamma * xhat + beta`` would give.
+
+The statistics and the backward's ``x``-sized work have an XLA:CPU form too
+(``jaxbn._cpu``), chosen when the program is lowered (``jaxbn._platform``); both are
+wrapped in a ``custom_jvp`` with a plain-jnp tangent, so they are differentiable
+(``custom_vjp=False``, grad-of-grad, ``jax.hessian``) whatever form runs.
 """
 
 from __future__ import annotations
@@ -47,7 +58,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn._stats import compute_dtype, expand, moments, psum
+from jaxbn import _cpu, _stats
+from jaxbn._platform import per_platform
+from jaxbn._stats import compute_dtype, expand, psum
 
 _FORWARD_MODE_HINT = (
     "forward-mode differentiation (jax.jvp, jax.jacfwd) of batch_norm cannot use "
@@ -112,8 +125,34 @@ def _renorm_rd(mean, rstd, renorm: Renorm, eps):
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
-def _fwd(cfg: _Config, x, gamma, beta, mask, renorm=None):
-    mo = moments(x, cfg.axes, mask, cfg.axis_name, cfg.groups)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _moments(cfg: _Config, x, mask) -> _stats.Moments:
+    """The batch statistics, in the form of the platform the program is lowered for."""
+    args = (cfg.axes, cfg.axis_name, cfg.groups)
+    cpu = lambda x, m: _cpu.moments(x, m, *args)  # noqa: E731
+    clean = lambda x, m: _stats.moments(x, m, *args)  # noqa: E731
+    return per_platform(cpu, clean, x, mask)
+
+
+@_moments.defjvp
+def _moments_jvp(cfg: _Config, primals, tangents):
+    x, mask = primals
+    mo = _moments(cfg, x, mask)
+    return mo, _stats.moments_tangent(x, mask, cfg.axes, cfg.axis_name, cfg.groups, mo, tangents[0])
+
+
+def _fwd(cfg: _Config, x, gamma, beta, mask, renorm=None, fallback=None):
+    mo = _moments(cfg, x, mask)
+    if mask is not None:  # a feature that no value counts for: see the module docstring
+        fb_mean, fb_var = (0.0, 1.0) if fallback is None else fallback
+        seen = mo.count > 0
+        dt = mo.shift.dtype
+        mo = _stats.Moments(
+            jnp.where(seen, mo.shift, jnp.asarray(fb_mean, dt)),
+            jnp.where(seen, mo.delta, 0),
+            jnp.where(seen, mo.var, jnp.asarray(fb_var, dt)),
+            mo.count,
+        )
     rstd = lax.rsqrt(mo.var + cfg.eps)
     r = d = None
     if renorm is not None:
@@ -130,67 +169,66 @@ def _fwd(cfg: _Config, x, gamma, beta, mask, renorm=None):
     return (y, mo.mean, mo.var, mo.count), res
 
 
-BWD_LIMIT = 16.0  # sum(dy * x) - mean * sum(dy) is taken where every mean**2 * rstd**2 <= this
+def _backward_sums(cfg: _Config, dy, x, shift, delta, rstd, *, cpu, fused=True):
+    """This device's ``(S1, S2)``: XLA:CPU's form (``jaxbn._cpu``) or one fused reduce."""
+    if cpu:
+        (dy1, _, _), (dy2, x2, sh2) = _cpu.copies((dy, x, shift), 2)
+        delta, rstd = lax.optimization_barrier((delta, rstd))
+        s_dy = jnp.reshape(
+            jnp.sum(dy1.astype(rstd.dtype), _stats.reduced_axes(x.ndim, cfg.axes)), rstd.shape
+        )
+        s_dyxc = jnp.reshape(_cpu.sum_dy_xc(dy2, x2, sh2, delta, rstd, s_dy, cfg.axes), rstd.shape)
+        return s_dy, s_dyxc
+    s_dy, s_dyxc = _stats.backward_sums(dy, x, shift, delta, cfg.axes, fused=fused)
+    return jnp.reshape(s_dy, rstd.shape), jnp.reshape(s_dyxc, rstd.shape)
 
 
-def _sum_dy_xc(red, e, dy, x, shift, delta, rstd, s_dy):
-    """S2 = sum(dy * xc), xc = (x - shift) - delta.
+def _dx(cfg: _Config, dy, x, shift, a, k0, k1, mask, *, cpu):
+    """``dx = a * dy + m * (k0 + k1 * (x - shift))``, one pass (its own inputs on CPU)."""
+    if cpu:
+        dy, x, shift = _cpu.copies((dy, x, shift), 1)[0]
+    dt = compute_dtype(x.dtype)
+    e = functools.partial(expand, ndim=x.ndim, feature_axes=cfg.axes)
+    stat_term = e(k0) + (x.astype(dt) - e(shift)) * e(k1)
+    if mask is not None:
+        stat_term = jnp.where(mask, stat_term, 0)
+    return (e(a) * dy.astype(dt) + stat_term).astype(x.dtype)
 
-    |delta| <= ulp(mean) / 2 (jaxbn._stats), so taking it out of the sum cancels nothing.
-    """
-    dy, x = dy.astype(s_dy.dtype), x.astype(s_dy.dtype)
-    return jnp.sum(dy * (x - e(shift)), red) - delta * s_dy
+
+def _differentiable_per_platform(fn):
+    """``fn(cfg, *args, cpu=...)`` per platform, with the clean form's jvp as tangent."""
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def wrapped(cfg, *args):
+        cpu = functools.partial(fn, cfg, cpu=True)
+        return per_platform(cpu, functools.partial(fn, cfg, cpu=False), *args)
+
+    @wrapped.defjvp
+    def wrapped_jvp(cfg, primals, tangents):
+        reference = functools.partial(fn, cfg, cpu=False, **_UNFUSED.get(fn, {}))
+        return wrapped(cfg, *primals), jax.jvp(reference, primals, tangents)[1]
+
+    return wrapped
 
 
-def _sum_dy_xc_cpu(red, e, dy, x, shift, delta, rstd, s_dy):
-    """S2 on XLA:CPU, where a broadcast subtract inside the reduction costs 10-20%.
-
-    Where every feature has |mean| <= 4 / rstd, S2 = sum(dy * x) - mean * S1. Its
-    rounding error is a few ulp of sum(|dy| * (|xc| + |mean|)) instead of
-    sum(|dy| * |xc|); dx takes S2 as k1 * xc, k1 = -a * rstd**2 * S2 / n, so the
-    error in dx is a few ulp of a * average(|dy| * (rstd * |xc| + 4)) * rstd * |xc|:
-    still a small multiple of ulp(a * |dy|) (measured in float32: 8e-7 relative at
-    3.9 std, against 2e-7 for the shifted sum). Elsewhere, or with NaN, the shifted sum.
-    """
-    mean = shift + delta
-    small = jnp.all(mean * mean * (rstd * rstd) <= BWD_LIMIT)
-    return lax.cond(
-        small,
-        lambda: jnp.sum(dy.astype(mean.dtype) * x.astype(mean.dtype), red) - mean * s_dy,
-        lambda: _sum_dy_xc(red, e, dy, x, shift, delta, rstd, s_dy),
-    )
+_UNFUSED = {_backward_sums: {"fused": False}}  # autodiff cannot transpose a variadic reduce
+_backward_sums_pp = _differentiable_per_platform(_backward_sums)
+_dx_pp = _differentiable_per_platform(_dx)
 
 
 def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
     x, shift, delta, rstd, gamma, mask, n, r, d = res
     dy, dmean, dvar = cotangents[:3]  # the count's cotangent, if any, is ignored
     dt = compute_dtype(x.dtype)
-    e = functools.partial(expand, ndim=x.ndim, feature_axes=cfg.axes)
-    red = tuple(i for i in range(x.ndim) if i not in cfg.axes)
-
-    # XLA:CPU writes out in full a conversion, broadcast or subexpression that two
-    # fusions share (here, or with the forward under one jit): each pass over x gets
-    # its own copies, behind an optimization_barrier (free at run time).
-    copies = lax.optimization_barrier(((dy, x, shift),) * 3 + ((delta, rstd, gamma),))
-    (dy1, _, _), (dy2, x2, sh2), (dy3, x3, sh3), (delta, rstd, gamma) = copies
-    s_dy = jnp.sum(dy1.astype(dt), red)
-    args = (dy2, x2, sh2, delta, rstd, s_dy)
-    s_dyxc = lax.platform_dependent(
-        *args,
-        cpu=functools.partial(_sum_dy_xc_cpu, red, e),
-        default=functools.partial(_sum_dy_xc, red, e),
-    )
-    S1, S2 = psum((s_dy, s_dyxc), cfg.axis_name, cfg.groups)
     a = rstd if gamma is None else rstd * gamma.astype(dt)
     if r is not None:
         a = a * r
-    n1 = jnp.maximum(n, 1)
+    s_dy, s_dyxc = _backward_sums_pp(cfg, dy, x, shift, delta, rstd)
+    S1, S2 = psum((s_dy, s_dyxc), cfg.axis_name, cfg.groups)
+    n1 = jnp.maximum(n, 1).astype(dt)
     k0 = (dmean.astype(dt) - a * S1) / n1
     k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
-    stat_term = e(k0 - k1 * delta) + (x3.astype(dt) - e(sh3)) * e(k1)
-    if mask is not None:
-        stat_term = jnp.where(mask, stat_term, 0)
-    dx = (e(a) * dy3.astype(dt) + stat_term).astype(x.dtype)
+    dx = _dx_pp(cfg, dy, x, shift, a, k0 - k1 * delta, k1, mask)
     if gamma is None:
         dgamma = None
     elif r is None or d is None:
@@ -202,19 +240,20 @@ def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train(cfg, x, gamma, beta, mask, renorm):
-    return _fwd(cfg, x, gamma, beta, mask, renorm)[0]
+def _train(cfg, x, gamma, beta, mask, renorm, fallback):
+    return _fwd(cfg, x, gamma, beta, mask, renorm, fallback)[0]
 
 
-def _train_fwd(cfg, x, gamma, beta, mask, renorm):
-    out, res = _fwd(cfg, x, gamma, beta, mask, renorm)
-    return out, (res, renorm)
+def _train_fwd(cfg, x, gamma, beta, mask, renorm, fallback):
+    out, res = _fwd(cfg, x, gamma, beta, mask, renorm, fallback)
+    return out, (res, renorm, fallback)
 
 
-def _train_bwd(cfg, res_and_renorm, cotangents):
-    res, renorm = res_and_renorm
+def _train_bwd(cfg, saved, cotangents):
+    res, renorm, fallback = saved
     dx, dgamma, dbeta = _bwd(cfg, res, cotangents)
-    return dx, dgamma, dbeta, None, jax.tree.map(jnp.zeros_like, renorm)
+    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+    return dx, dgamma, dbeta, None, zeros(renorm), zeros(fallback)
 
 
 _train.defvjp(_train_fwd, _train_bwd)

@@ -1,52 +1,54 @@
-"""Batch statistics: a stable, count-weighted mean and biased variance.
+r"""Reductions over ``x``: the batch statistics and the backward's two sums.
 
-Two algorithms, picked at run time for all features at once by ``lax.cond``.
+This is the clean program, the one every platform but CPU runs (``jaxbn._platform``;
+XLA:CPU's variants are in ``jaxbn._cpu``). Each computation reads ``x`` once, in one
+variadic ``reduce``: XLA emits it as one kernel.
 
-Fast, where it is provably accurate: two plain sums, each one fused read of ``x``
-(flax's formula and flax's cost)::
+Statistics, per feature, over the ``n`` values that count (``m`` the mask as 0/1)::
 
-    mean = sum(x) / n,   msq = sum(x * x) / n,   var = msq - mean ** 2
+    s   = the first value of the batch that counts           # the shift: a gather
+    v   = m * (x - s)                                         # exact near s (Sterbenz)
+    S1, S2, n = sum(v), sum(v * v), sum(m)                    # one pass, one reduce
+    d   = S1 / n
+    var = max(S2 / n - d**2, 0)
+    shift, delta = TwoSum(s, d)                               # mean = shift + delta
 
-taken only if every feature has a finite ``var`` and ``msq <= K * var`` (``K = 16``,
-i.e. ``|mean| <= 3.9 std``). The cancellation then multiplies the sums' own relative
-error (~1.5e-7 in float32 on XLA:CPU) by at most ``2K + 1``: var within 6e-6 at the
-limit (measured), the mean within 1e-6 std. An all-zero feature gives exactly 0, 0.
+Error. With ``g`` the relative error of a float sum of ``n`` terms (``g <= n u``,
+about ``u log2 n`` for XLA's tree reductions, ``u`` the unit roundoff), ``S2`` is
+off by at most ``g S2`` (positive terms) and ``S1`` by ``g sum(|v|) <= g n sqrt(S2/n)``.
+Since ``S2 / n = var + d**2``::
 
-Shifted, otherwise (larger offsets, constant features, overflow, NaN): the corrected
-two-pass algorithm (Chan, Golub and LeVeque, 1983) on data shifted by ``s``, one value
-of the batch per feature (its first)::
+    |err var| <= g (var + d**2) + 2 |d| g sqrt(var + d**2) + u d**2
+              <= 4 g (var + d**2),   so   |err var| / var <= 4 g (1 + (mean - s)**2 / var)
 
-    d0  = sum(x - s) / n                     # pass 1
-    c   = (x - s) - d0                       # pass 2 ...
-    d   = d0 + sum(c) / n                    #   ... and its two sums: mean = s + d
-    var = sum(c * c) / n - (sum(c) / n) ** 2   # clamped at 0
+The bound does not depend on ``|mean|``, only on how far the shift lies from the mean
+in standard deviations: a value of the batch is a few of them away (at ``|mean| =
+1e6 std`` float32 gives 2e-7 measured, ``tests/test_numerics.py``). It grows as
+``(mean - s)**2 / var <= n - 1`` (Samuelson's inequality) for a shift that is an
+extreme outlier. Flax's formula (``s = 0``) has ``(mean / std)**2`` there instead.
+``mean`` is off by ``g sqrt(var + d**2)``, i.e. ``g`` standard deviations times the
+same factor, and ``x - mean`` is taken as ``(x - shift) - delta``: rounding the mean
+to one float alone would be off by 0.03 std at a 1e6 offset. A constant feature
+gives ``v == 0`` exactly, hence ``var == 0``, ``delta == 0`` and an output of
+exactly ``beta``.
 
-- ``x - s`` is exact (Sterbenz) while x and s are within 2x of each other, so a large
-  common offset (|mean| = 1e6 * std in float32) costs nothing.
-- A constant feature gives ``x - s == 0`` exactly, hence var == 0 and d == 0.
-- Each sum is of ``v / N`` (N the static local size) and rescaled afterwards, so no
-  sum overflows when its terms do not.
+Range. Where ``S1`` or ``S2`` overflows (values beyond about 1e19 in float32), the
+same reduce also holds ``S1'``, ``S2'`` of ``x * c - s * c``, ``c = 2**-64`` (exact
+scalings), used for that feature instead: the statistics are then right whenever
+they are representable, and a variance beyond the dtype's range is ``inf`` (that
+feature's output is then ``beta``). Squares below the smallest normal number
+(``|x - s| < 1e-19`` in float32) round towards 0, as ``var + eps`` does anyway.
 
-Either way the mean comes as a pair: ``shift``, the mean rounded to the compute
-dtype, and ``delta``, its exact rounding error (TwoSum of ``s + d``; 0 from the fast
-formula), so ``|delta| <= ulp(mean) / 2`` for a finite mean. ``x - mean`` is
-``(x - shift) - delta``: rounding the mean alone would be off by 0.03 std at a 1e6
-offset, and a constant feature still gives exactly 0, hence an output of exactly
-``beta``. As ``delta`` is that small, a sum of ``x - mean`` can also be taken as a sum
-of ``x - shift`` corrected afterwards, with no cancellation.
+Across devices (``axis_name``), ``s`` is the value of the first device that holds
+one (a ``pmin`` and a ``psum`` of feature vectors), so one shift serves all, and the
+sums and counts are psum'd: unequal per-device counts are weighted exactly. Counts
+are int32.
 
-Why two: on XLA:CPU (jax 0.10) a sum of ``x`` or ``x * x`` is one fused reduction, a
-sum of ``x - s`` costs 1.5-3x as much, and a broadcast, conversion or subexpression
-that two fusions share is written out in full (hence the ``optimization_barrier``
-copies). The shifted algorithm alone made the training forward 2.4-4.3x flax's; with
-the check it costs what flax's does (``python -m jaxbn bench``), and 1.7-3x where the
-shifted branch runs, while flax's default (the fast formula everywhere) then loses
-~(mean/std)^2 * 6e-8 relative.
+Backward sums, read in one reduce of ``x`` and ``dy``::
 
-Across devices the sums and the counts are psum'd, so devices with unequal numbers
-of masked-in values are weighted exactly; every device takes the same branch (a
-psum'd flag), and ``s`` is the first device's, taken exactly with a psum of one value
-and zeros. Under ``vmap`` the ``cond`` becomes a select of both branches.
+    S1 = sum(dy),   S2 = sum(dy * (x - shift)) - delta * S1      # = sum(dy * xc)
+
+``|delta| <= ulp(mean) / 2``, so taking it out of the sum cancels nothing.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-FAST_LIMIT = 16.0  # K: the fast formula only where msq <= K * var, see above.
+_SCALE_EXP = 64  # c = 2**-64: the scaled sums' factor (see Range above)
 
 
 class Moments(NamedTuple):
@@ -66,8 +69,8 @@ class Moments(NamedTuple):
 
     shift: jax.Array  # feature shape: the mean, rounded.
     delta: jax.Array  # feature shape: mean - shift, |delta| <= ulp(shift) / 2.
-    var: jax.Array  # feature shape: biased variance, >= 0.
-    count: jax.Array  # type: ignore[assignment]  # () or feature shape: values counted, over all devices.
+    var: jax.Array  # feature shape: biased variance, >= 0 (inf beyond the dtype's range).
+    count: jax.Array  # type: ignore[assignment]  # int32, () or feature shape (masked): values counted.
 
     @property
     def mean(self) -> jax.Array:
@@ -95,98 +98,194 @@ def psum(tree, axis_name, axis_index_groups):
     return lax.psum(tree, axis_name, axis_index_groups=axis_index_groups)
 
 
-def _from_first_device(v, axis_name, axis_index_groups):
-    """Every device gets the first device's ``v`` (of its group), bit for bit."""
-    if axis_name is None:
-        return v
-    leaders = [0] if axis_index_groups is None else [g[0] for g in axis_index_groups]
-    lead = jnp.isin(lax.axis_index(axis_name), jnp.asarray(leaders))
-    return psum(jnp.where(lead, v, 0), axis_name, axis_index_groups)
+def reduced_axes(ndim: int, feature_axes) -> tuple[int, ...]:
+    return tuple(a for a in range(ndim) if a not in feature_axes)
 
 
-def _copies(tree, k: int):
-    """``k`` equal copies that XLA will not merge, so each reduction fuses its own.
+def variadic_sum(operands, axes):
+    """The sums of several same-shaped arrays over ``axes`` in one ``reduce``."""
+    zeros = tuple(jnp.zeros((), o.dtype) for o in operands)
+    return lax.reduce(tuple(operands), zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), axes)
 
-    XLA:CPU writes out in full a broadcast, a conversion or a subexpression that two
-    fusions share; an ``optimization_barrier`` costs nothing at run time.
+
+def shift_of(x, m, feature_axes, axis_name, axis_index_groups):
+    """``s`` per feature: the median of three values of the batch that count.
+
+    The three are the first, the last and the first at or after the middle (in
+    row-major order over the reduced axes), so one outlier among them is never the
+    shift. Without a mask they are three slices; with one, their positions come from
+    one ``min``/``max`` reduce over the mask's own shape, then a gather. A feature with
+    no value that counts gets 0. Across devices, the first device (of its group)
+    that holds a value gives its ``s`` to all.
     """
-    return lax.optimization_barrier((tree,) * k)
+    vals, has = _candidates(x, m, feature_axes)
+    a, b, c = (jnp.where(has, v, 0) for v in vals)  # an uncounted value may be inf
+    s = jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
+    if axis_name is not None:
+        me = lax.axis_index(axis_name)
+        big = np.iinfo(np.int32).max
+        lead = lax.pmin(jnp.where(has, me, big), axis_name, axis_index_groups=axis_index_groups)
+        s = psum(jnp.where(me == lead, s, 0), axis_name, axis_index_groups)
+    return s
 
 
-def _masked(v, m):
-    return v if m is None else jnp.where(m, v, 0)
+def _candidates(x, m, feature_axes):
+    """Three values per feature (see :func:`shift_of`) and whether any counts."""
+    dt = compute_dtype(x.dtype)
+    red = reduced_axes(x.ndim, feature_axes)
+    sizes = [x.shape[a] for a in red]
+    strides = [math.prod(sizes[i + 1 :]) for i in range(len(red))]
+    total = math.prod(sizes)
+    kept = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+    fshape = tuple(x.shape[a] for a in feature_axes)
+    if m is None:
+        positions = [jnp.asarray(p, jnp.int32) for p in (0, total // 2, total - 1)]
+        has = jnp.full(fshape, total > 0)
+    else:
+        lin = sum(
+            (
+                lax.broadcasted_iota(jnp.int32, m.shape, a) * st
+                for a, st in zip(red, strides)
+                if m.shape[a] != 1
+            ),
+            jnp.zeros(m.shape, jnp.int32),
+        )
+        big = np.iinfo(np.int32).max
+        first, mid, last = variadic_minmax(
+            (
+                jnp.where(m, lin, big),
+                jnp.where(m & (lin >= total // 2), lin, big),
+                jnp.where(m, lin, -1),
+            ),
+            red,
+        )
+        has = first < big
+        mid = jnp.where(mid < big, mid, last)
+        positions = [jnp.where(has, p, 0) for p in (first, mid, last)]
+        has = jnp.reshape(jnp.broadcast_to(has, kept), fshape)
+    vals = []
+    for p in positions:
+        idx = tuple(
+            jnp.broadcast_to((p // strides[red.index(a)]) % sizes[red.index(a)], kept)
+            if a in red
+            else lax.broadcasted_iota(jnp.int32, kept, a)
+            for a in range(x.ndim)
+        )
+        vals.append(jnp.reshape(x[idx].astype(dt), fshape))
+    return vals, has
 
 
-def moments(x, feature_axes, mask=None, axis_name=None, axis_index_groups=None) -> Moments:
-    """Mean and biased variance of ``x`` over every axis but ``feature_axes``.
+def variadic_minmax(operands, axes):
+    """min, min, max of three int32 arrays over ``axes``, in one ``reduce``."""
+    big = np.iinfo(np.int32).max
+    init = (jnp.int32(big), jnp.int32(big), jnp.int32(-1))
+    comb = lambda a, b: (lax.min(a[0], b[0]), lax.min(a[1], b[1]), lax.max(a[2], b[2]))  # noqa: E731
+    return tuple(jnp.expand_dims(r, axes) for r in lax.reduce(tuple(operands), init, comb, axes))
+
+
+def stat_operands(x, m, s, feature_axes):
+    """The x-sized operands of the statistics' sums: v, v*v and their scaled twins."""
+    dt = compute_dtype(x.dtype)
+    se = expand(s, x.ndim, feature_axes)
+    xf = x.astype(dt)
+    c = jnp.asarray(2.0**-_SCALE_EXP, dt)
+    v = xf - se
+    vb = xf * c - se * c
+    if m is not None:
+        v, vb = jnp.where(m, v, 0), jnp.where(m, vb, 0)
+    return v, v * v, vb, vb * vb
+
+
+def combine(sums, s, n) -> Moments:
+    """Moments from the (psum'd) sums around ``s`` and the count ``n``."""
+    s1, s2, s1b, s2b = sums
+    dt = s.dtype
+    n1 = jnp.maximum(n, 1).astype(dt)
+    normal = jnp.isfinite(s1) & jnp.isfinite(s2)
+    c = jnp.where(normal, 1, jnp.asarray(2.0**-_SCALE_EXP, dt))
+    t1, t2 = jnp.where(normal, s1, s1b), jnp.where(normal, s2, s2b)
+    d = t1 / n1
+    var = jnp.maximum(t2 / n1 - d * d, 0) / (c * c)
+    # TwoSum in the scaled space: the rounded mean and its exact rounding error.
+    sc = s * c
+    hi = sc + d
+    back = hi - sc
+    lo = (sc - (hi - back)) + (d - back)
+    ok = jnp.isfinite(hi)
+    shift = jnp.where(ok, hi, sc) / c
+    delta = jnp.where(ok, lo, d) / c
+    return Moments(shift, delta, var, n)
+
+
+def count_of(x, m, feature_axes, axis_name, axis_index_groups):
+    """n (int32, all devices): per feature with a mask, a static scalar without."""
+    red = reduced_axes(x.ndim, feature_axes)
+    fshape = tuple(x.shape[a] for a in feature_axes)
+    if m is None:
+        n = jnp.asarray(math.prod(x.shape[a] for a in red), jnp.int32)
+    else:  # each value of a mask broadcast along a reduced axis counts that many times
+        times = math.prod(x.shape[a] for a in red if m.shape[a] == 1)
+        n = jnp.sum(m, red, dtype=jnp.int32, keepdims=True) * times
+        kept = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+        n = jnp.reshape(jnp.broadcast_to(n, kept), fshape)
+    return psum(n, axis_name, axis_index_groups)
+
+
+def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Moments:
+    """The clean program's statistics: one reduce over ``x`` (see the module docstring).
 
     Args:
-      x: any shape; ``feature_axes`` are kept, the others are reduced.
-      feature_axes: sorted, non-negative ints.
-      mask: None or boolean broadcastable to ``x``: the values that count.
-      axis_name: None or a named axis whose devices hold parts of one batch.
-      axis_index_groups: passed to ``lax.psum``.
-
-    Returns:
-      :class:`Moments` in ``compute_dtype(x.dtype)``.
+      x: any shape; ``feature_axes`` (sorted, non-negative) are kept.
+      m: None or a boolean array broadcastable to ``x``: the values that count.
+      axis_name, axis_index_groups: devices that share the statistics (``lax.psum``).
     """
-    dt = compute_dtype(x.dtype)
-    red = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    sync = lambda t: psum(t, axis_name, axis_index_groups)  # noqa: E731
-    feat = lambda v: jnp.reshape(v, [x.shape[a] for a in feature_axes])  # noqa: E731
-
-    m = None if mask is None else jnp.broadcast_to(mask, x.shape)
-    if m is None:
-        n = sync(jnp.asarray(math.prod(x.shape[a] for a in red), dt))
-    else:
-        n = sync(jnp.sum(m, red, dtype=dt))
-    n1 = jnp.maximum(n, 1)
-    (x1, m1), (x2, m2) = _copies((x, m), 2)
-    x1, x2 = _masked(x1.astype(dt), m1), _masked(x2.astype(dt), m2)
-    s1, s2 = sync((jnp.sum(x1, red), jnp.sum(x2 * x2, red)))
-    mean, msq = s1 / n1, s2 / n1
-    var = msq - mean * mean
-    fast = jnp.all(jnp.isfinite(var) & (msq <= FAST_LIMIT * var))
-    if axis_name is not None:  # the shifted branch has collectives: all devices agree
-        fast = lax.psum(jnp.where(fast, 0, 1), axis_name) == 0
-
-    def fast_moments():
-        return Moments(feat(mean), jnp.zeros_like(feat(mean)), feat(jnp.maximum(var, 0)), n)
-
-    def shifted_moments():
-        return _shifted(x, m, n, feature_axes, axis_name, axis_index_groups)
-
-    return lax.cond(fast, fast_moments, shifted_moments)
-
-
-def _shifted(x, m, n, feature_axes, axis_name, axis_index_groups) -> Moments:
-    """The corrected two-pass algorithm around the batch's first values (see above)."""
-    dt = compute_dtype(x.dtype)
-    red = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    first = tuple(slice(0, 1) if a in red else slice(None) for a in range(x.ndim))
-    size = math.prod(x.shape[a] for a in red)
-    sync = lambda t: psum(t, axis_name, axis_index_groups)  # noqa: E731
-    shift = x[first].astype(dt)
+    red = reduced_axes(x.ndim, feature_axes)
+    s = shift_of(x, m, feature_axes, axis_name, axis_index_groups)
+    ops = stat_operands(x, m, s, feature_axes)
     if m is not None:
-        # a masked-out value may be anything, even inf: never use it as the shift.
-        shift = jnp.where(m[first], shift, 0)
-    shift = _from_first_device(shift, axis_name, axis_index_groups)
-    scale = size / jnp.maximum(n, 1)
+        ops = ops + (jnp.broadcast_to(m, x.shape).astype(jnp.int32),)
+    sums = variadic_sum(ops, red)
+    fshape = s.shape
+    sums = tuple(jnp.reshape(t, fshape) for t in sums)
+    if m is None:
+        n = count_of(x, m, feature_axes, axis_name, axis_index_groups)
+        sums = psum(sums, axis_name, axis_index_groups)
+    else:
+        *sums, n = psum(sums, axis_name, axis_index_groups)
+    return combine(tuple(sums), s, n)
 
-    copies = _copies((x, m, shift, jnp.asarray(1.0 / size, dt)), 3)
-    (x0, m0, sh0, i0), (x1, m1, sh1, i1), (x2, m2, sh2, i2) = copies
-    d0 = sync(jnp.sum(_masked(x0.astype(dt) - sh0, m0) * i0, red)) * scale
-    e1, e2 = _copies(expand(d0, x.ndim, feature_axes), 2)
-    c1 = _masked((x1.astype(dt) - sh1) - e1, m1)
-    c2 = _masked((x2.astype(dt) - sh2) - e2, m2)
-    s1, s2 = sync((jnp.sum(c1 * i1, red), jnp.sum(c2 * c2 * i2, red)))
-    s1, s2 = s1 * scale, s2 * scale
-    var = jnp.maximum(s2 - s1 * s1, 0)
-    feat = lambda v: jnp.reshape(v, [x.shape[a] for a in feature_axes])  # noqa: E731
-    shift, delta = feat(shift), d0 + s1
-    # TwoSum: the rounded mean and its exact rounding error, as the fast branch gives.
-    mean = shift + delta
-    back = mean - shift
-    err = (shift - (mean - back)) + (delta - back)
-    ok = jnp.isfinite(mean)
-    return Moments(jnp.where(ok, mean, shift), jnp.where(ok, err, delta), var, n)
+
+def moments_tangent(x, m, feature_axes, axis_name, axis_index_groups, mo: Moments, dx):
+    """The tangent of :func:`moments` (either form): ``dmean``, ``dvar`` and zeros.
+
+    ``dmean = sum(m * dx) / n`` and ``dvar = 2 * sum(m * xc * dx) / n``, the latter
+    since ``sum(m * xc) == 0``.
+    """
+    dt = mo.shift.dtype
+    red = reduced_axes(x.ndim, feature_axes)
+    e = lambda v: expand(v, x.ndim, feature_axes)  # noqa: E731
+    xc = (x.astype(dt) - e(mo.shift)) - e(mo.delta)
+    dxf = dx.astype(dt)
+    t1, t2 = dxf, xc * dxf
+    if m is not None:
+        t1, t2 = jnp.where(m, t1, 0), jnp.where(m, t2, 0)
+    t1, t2 = psum((jnp.sum(t1, red), jnp.sum(t2, red)), axis_name, axis_index_groups)
+    n1 = jnp.maximum(mo.count, 1).astype(dt)
+    fshape = mo.shift.shape
+    dmean, dvar = jnp.reshape(t1, fshape) / n1, 2 * jnp.reshape(t2, fshape) / n1
+    zero = jnp.zeros_like(dmean)
+    return Moments(dmean, zero, jnp.where(jnp.isfinite(mo.var), dvar, 0), _int_zero(mo.count))
+
+
+def _int_zero(v):
+    return np.zeros(jnp.shape(v), jax.dtypes.float0)
+
+
+def backward_sums(dy, x, shift, delta, feature_axes, fused=True):
+    """``(S1, S2)`` of this device, in one reduce of ``x`` and ``dy`` (``fused``)."""
+    dt = shift.dtype
+    red = reduced_axes(x.ndim, feature_axes)
+    dyf = dy.astype(dt)
+    ops = (dyf, dyf * (x.astype(dt) - expand(shift, x.ndim, feature_axes)))
+    s1, t = variadic_sum(ops, red) if fused else (jnp.sum(o, red) for o in ops)
+    return s1, t - delta * s1

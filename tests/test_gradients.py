@@ -224,7 +224,7 @@ def test_float32_dx_accurate_on_both_sides_of_the_backward_limit(ratio):
 
 @pytest.mark.parametrize("ratio,unshifted", [(1.0, True), (3.9, True), (4.1, False), (1e4, False)])
 def test_cpu_backward_takes_the_unshifted_sum_only_within_the_limit(ratio, unshifted):
-    from jaxbn._core import _sum_dy_xc_cpu
+    from jaxbn._cpu import sum_dy_xc
 
     rs = np.random.RandomState(9)
     shift = jnp.full(8, ratio, jnp.float32)
@@ -233,8 +233,8 @@ def test_cpu_backward_takes_the_unshifted_sum_only_within_the_limit(ratio, unshi
     # S1 off by one tells the formulas apart: sum(dy * x) - mean * S1 moves by -mean,
     # the shifted sum (delta = 0) does not use S1.
     s1_off = jnp.sum(dy, 0) + 1
-    args = ((0,), lambda v: v[None], dy, x, shift, jnp.zeros(8), jnp.ones(8), s1_off)
-    got = jax.jit(_sum_dy_xc_cpu, static_argnums=(0, 1))(*args)
+    args = (dy, x, shift, jnp.zeros(8), jnp.ones(8), s1_off)
+    got = jax.jit(sum_dy_xc, static_argnums=(6,))(*args, (1,))
     x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
     s2 = np.sum(dy64 * (x64 - ratio), 0)
     np.testing.assert_allclose(got, s2 - ratio if unshifted else s2, rtol=0, atol=ratio * 1e-3)

@@ -1,0 +1,106 @@
+"""XLA:CPU tactics: the same computations as ``jaxbn._stats``, shaped for XLA:CPU.
+
+Only CPU runs these (``jaxbn._platform`` decides). They exist because of three facts
+about XLA:CPU (jax 0.10, measured with ``python -m jaxbn bench``):
+
+- a sum of ``x`` or ``x * x`` is one fast fused reduction, but a broadcast subtract
+  inside a reduction (a sum of ``x - s``) costs 1.5-3x as much, and a variadic
+  reduce about 3x as much as separate sums;
+- a broadcast, conversion or subexpression that two fusions share is written out in
+  full, so each reduction gets its own copies of its inputs behind an
+  ``optimization_barrier`` (free at run time);
+- a ``lax.cond`` on a flag costs nothing next to a pass over ``x``.
+
+Statistics. Flax's two sums (``s = 0`` in ``jaxbn._stats``) where that is provably
+accurate: every feature has a finite ``var`` and ``msq <= K * var`` (``K = 16``,
+i.e. ``|mean| <= 3.9 std``). The error bound of ``jaxbn._stats`` is then at most
+``4 g (1 + 16)``: var within 6e-6 at the limit (measured). Otherwise (offsets,
+constant features, overflow, NaN), a ``cond`` runs the clean algorithm, its sums as
+separate reductions. Every device takes the same branch (a psum'd flag).
+
+Backward. ``S2 = sum(dy * x) - mean * S1`` where every feature has
+``|mean| <= 4 std``: the rounding error is then a few ulp of
+``sum(|dy| * (|xc| + |mean|))`` instead of ``sum(|dy| * |xc|)``; ``dx`` takes ``S2`` as
+``k1 * xc``, ``k1 = -a * rstd**2 * S2 / n``, so its error stays a small multiple of
+``ulp(a * |dy|)`` (float32: 8e-7 relative at 3.9 std, 2e-7 for the shifted sum).
+Elsewhere, or with NaN, the shifted sum of ``jaxbn._stats``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _stats
+from jaxbn._stats import Moments, compute_dtype, expand, psum, reduced_axes
+
+FAST_LIMIT = 16.0  # K: the fast statistics only where msq <= K * var.
+BWD_LIMIT = 16.0  # S2 = sum(dy * x) - mean * S1 only where every mean**2 * rstd**2 <= this.
+
+
+def copies(tree, k: int):
+    """``k`` equal copies that XLA will not merge, so each reduction fuses its own."""
+    return lax.optimization_barrier((tree,) * k)
+
+
+def _masked(v, m):
+    return v if m is None else jnp.where(m, v, 0)
+
+
+def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Moments:
+    """:func:`jaxbn._stats.moments`, computed as XLA:CPU runs fastest (see above)."""
+    dt = compute_dtype(x.dtype)
+    red = reduced_axes(x.ndim, feature_axes)
+    fshape = tuple(x.shape[a] for a in feature_axes)
+    n = _stats.count_of(x, m, feature_axes, axis_name, axis_index_groups)
+    n1 = jnp.maximum(n, 1).astype(dt)
+    (x1, m1), (x2, m2) = copies((x, m), 2)
+    x1, x2 = _masked(x1.astype(dt), m1), _masked(x2.astype(dt), m2)
+    s1, s2 = psum((jnp.sum(x1, red), jnp.sum(x2 * x2, red)), axis_name, axis_index_groups)
+    mean, msq = jnp.reshape(s1, fshape) / n1, jnp.reshape(s2, fshape) / n1
+    var = msq - mean * mean
+    fast = jnp.all(jnp.isfinite(var) & (msq <= FAST_LIMIT * var))
+    if axis_name is not None:  # the shifted branch has collectives: all devices agree
+        fast = lax.psum(jnp.where(fast, 0, 1), axis_name) == 0
+
+    def fast_moments():
+        return Moments(mean, jnp.zeros_like(mean), jnp.maximum(var, 0), n)
+
+    def shifted_moments():
+        s = _stats.shift_of(x, m, feature_axes, axis_name, axis_index_groups)
+
+        def sums(which):  # each sum its own pass, the scaled pair only where needed
+            parts = copies((x, m, s), len(which))
+            return psum(
+                tuple(
+                    jnp.reshape(
+                        jnp.sum(_stats.stat_operands(xi, mi, si, feature_axes)[i], red), fshape
+                    )
+                    for i, (xi, mi, si) in zip(which, parts)
+                ),
+                axis_name,
+                axis_index_groups,
+            )
+
+        t1, t2 = sums((0, 1))
+        finite = jnp.all(jnp.isfinite(t1) & jnp.isfinite(t2))  # psum'd: all devices agree
+        t1b, t2b = lax.cond(finite, lambda: (t1, t2), lambda: sums((2, 3)))
+        return _stats.combine((t1, t2, t1b, t2b), s, n)
+
+    return lax.cond(fast, fast_moments, shifted_moments)
+
+
+def sum_dy_xc(dy, x, shift, delta, rstd, s_dy, feature_axes):
+    """S2 = sum(dy * xc) of this device, from ``sum(dy * x)`` where that is accurate."""
+    red = reduced_axes(x.ndim, feature_axes)
+    mean = shift + delta
+    small = jnp.all(mean * mean * (rstd * rstd) <= BWD_LIMIT)
+
+    def unshifted():
+        return jnp.sum(dy.astype(mean.dtype) * x.astype(mean.dtype), red) - mean * s_dy
+
+    def shifted():
+        dyf, xf = dy.astype(mean.dtype), x.astype(mean.dtype)
+        return jnp.sum(dyf * (xf - expand(shift, x.ndim, feature_axes)), red) - delta * s_dy
+
+    return lax.cond(small, unshifted, shifted)
