@@ -1,7 +1,9 @@
 """Command line: ``python -m jaxbn COMMAND`` (also the ``jaxbn`` console script).
 
-Each command lives in its own module with its own ``main(argv) -> int`` and argument
-parser, imported only when it runs (``import jaxbn`` needs only jax).
+Each command lives in its own module with its own ``main(argv) -> int``, imported only
+when it runs. Its arguments are parsed first (``jaxbn._cli``) and its extra's packages
+looked up without importing them, so ``--help``, ``--version``, a wrong option and a
+missing extra are answered without importing jax.
 """
 
 from __future__ import annotations
@@ -9,16 +11,17 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {
-    "check": ("jaxbn._check", "hand-derived backward vs float64 autodiff on this backend"),
-    "demo": ("jaxbn._demo", "train a small CNN on sklearn's digits with and without batch norm"),
-    "bench": ("jaxbn._bench", "benchmark against Flax and the memory-traffic floor"),
-}
+from jaxbn import __version__
+from jaxbn._cli import COMMANDS, missing_message
 
 
 def usage() -> str:
-    lines = ["usage: jaxbn COMMAND [options]   (jaxbn COMMAND --help for a command's options)", ""]
-    lines += [f"  {name:<7}{help_}" for name, (_, help_) in COMMANDS.items()]
+    lines = [
+        "usage: jaxbn COMMAND [options]   (jaxbn COMMAND --help for a command's options)",
+        "       jaxbn --version",
+        "",
+    ]
+    lines += [f"  {name:<7}{help_}" for name, (_, help_, *_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -27,6 +30,9 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"jaxbn {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(
@@ -35,8 +41,13 @@ def main(argv=None) -> int:
         )
         print(usage(), file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    module_name, _, parser, _, _ = COMMANDS[name]
+    parser().parse_args(rest)  # exits here on --help or a wrong option
+    message = missing_message(name)
+    if message is not None:
+        print(message, file=sys.stderr)
+        return 1
+    return importlib.import_module(module_name).main(rest)
 
 
 if __name__ == "__main__":

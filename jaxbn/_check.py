@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn._batch_norm import batch_norm
+from jaxbn._cli import check_parser
 from jaxbn._state import init_state
 
 CASES = [  # (layout, shape, feature axis)
@@ -54,8 +54,8 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def run_check(reps: int = 20, quick: bool = False) -> list[dict]:
-    """Runs every case; returns rows (also printed as a table by :func:`main`)."""
+def run_check(reps: int = 20, quick: bool = False, log=None) -> list[dict]:
+    """Runs every case; returns rows, each also passed to ``log`` as it is measured."""
     rows = []
     cases = CASES[:1] + CASES[2:] if quick else CASES
     for layout, shape, axis in cases:
@@ -83,22 +83,23 @@ def run_check(reps: int = 20, quick: bool = False) -> list[dict]:
                     ms_autodiff=t_auto,
                 )
             )
+            if log is not None:
+                log(rows[-1])
     return rows
 
 
-def format_table(rows) -> str:
-    head = (
-        f"{'layout':<13}{'shape':<20}{'dtype':<10}{'err custom':>12}{'err autodiff':>14}"
-        f"{'ms custom':>11}{'ms autodiff':>13}{'ratio':>7}"
+HEAD = (
+    f"{'layout':<13}{'shape':<20}{'dtype':<10}{'err custom':>12}{'err autodiff':>14}"
+    f"{'ms custom':>11}{'ms autodiff':>13}{'ratio':>7}"
+)
+
+
+def format_row(r) -> str:
+    return (
+        f"{r['layout']:<13}{str(r['shape']):<20}{r['dtype']:<10}{r['err_custom']:>12.1e}"
+        f"{r['err_autodiff']:>14.1e}{r['ms_custom']:>11.3f}{r['ms_autodiff']:>13.3f}"
+        f"{r['ms_custom'] / r['ms_autodiff']:>7.2f}"
     )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['layout']:<13}{str(r['shape']):<20}{r['dtype']:<10}{r['err_custom']:>12.1e}"
-            f"{r['err_autodiff']:>14.1e}{r['ms_custom']:>11.3f}{r['ms_autodiff']:>13.3f}"
-            f"{r['ms_custom'] / r['ms_autodiff']:>7.2f}"
-        )
-    return "\n".join(lines)
 
 
 # Relative error bounds against the float64 reference, per input dtype.
@@ -106,18 +107,14 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxbn check", description=__doc__)
-    parser.add_argument("--reps", type=int, default=20, help="timing repetitions (default 20)")
-    parser.add_argument("--quick", action="store_true", help="skip the largest shape")
-    args = parser.parse_args(argv)
-    reps, quick = args.reps, args.quick
+    args = check_parser().parse_args(argv)
     dev = jax.devices()[0]
     print(f"jaxbn check on {dev.platform} ({dev.device_kind}), jax {jax.__version__}")
     print("jax.grad of sum(y * w) w.r.t. x, gamma, beta under jit, with the hand-derived rule")
     print("(custom) and with autodiff of the same forward (autodiff). err: max relative error")
     print("against float64 autodiff; ms: median time of the jitted forward + backward.\n")
-    rows = run_check(reps, quick)
-    print(format_table(rows))
+    print(HEAD + "\n" + "-" * len(HEAD), flush=True)
+    rows = run_check(args.reps, args.quick, log=lambda r: print(format_row(r), flush=True))
     bad = [r for r in rows if r["err_custom"] > TOLERANCE[r["dtype"]]]
     print(
         f"\n{'FAIL' if bad else 'OK'}: {len(rows) - len(bad)} of {len(rows)} cases within "

@@ -1,14 +1,12 @@
 """``python -m jaxbn demo``: a small CNN on scikit-learn's digits, with and without batch norm.
 
-Also the data, model and training code that the notebooks in ``notebooks/`` share. It
-uses only the functional core (``jaxbn.batch_norm``), ``lax.conv_general_dilated`` and
-optax. scikit-learn, tqdm and matplotlib are imported where they are used, never by
-``import jaxbn``.
+It uses only the functional core (``jaxbn.batch_norm``), ``lax.conv_general_dilated``
+and optax; scikit-learn and matplotlib are imported where they are used. The notebooks
+in ``notebooks/`` carry their own copy of the data, model and training code.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import NamedTuple
@@ -20,6 +18,7 @@ import optax
 from jax import lax
 
 from jaxbn._batch_norm import batch_norm
+from jaxbn._cli import demo_parser
 from jaxbn._state import init_state
 
 CONV_WIDTHS = (16, 32, 64)  # 3x3 convolutions; the last two have stride 2: 8x8 -> 4x4 -> 2x2
@@ -169,7 +168,11 @@ def train_cnn(
     eval_every: int = EVAL_EVERY,
     progress: bool = True,
 ) -> RunResult:
-    """Trains the CNN with SGD + momentum; deterministic for a fixed ``seed``."""
+    """Trains the CNN with SGD + momentum; deterministic for a fixed ``seed``.
+
+    With ``progress`` it prints a line (epoch, step, loss, test accuracy) about every
+    quarter of the run: plain lines, readable in a terminal and in a log alike.
+    """
     name = "with batch norm" if use_bn else "without batch norm"
     params, state = init_cnn(jax.random.key(seed), use_bn)
     optimizer = optax.sgd(learning_rate, momentum=0.9)
@@ -180,13 +183,10 @@ def train_cnn(
     x0, y0 = data.x_train[:batch_size], data.y_train[:batch_size]
     step = make_train_step(optimizer).lower(params, state, opt_state, x0, y0).compile()
     accuracy = make_accuracy().lower(params, state, x_te, y_te).compile()
-    total = epochs * (len(data.x_train) // batch_size)
+    per_epoch = len(data.x_train) // batch_size
+    total = epochs * per_epoch
+    report_every = max(1, epochs // 4) * per_epoch  # a few plain lines: readable in a log
     t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=name, unit="step", leave=True)
     loss_list, eval_steps, acc_list = [], [], []
     for i, idx in enumerate(batches(len(data.x_train), batch_size, epochs, seed), start=1):
         params, state, opt_state, loss = step(
@@ -196,12 +196,13 @@ def train_cnn(
         if i % eval_every == 0 or i == total:
             eval_steps.append(i)
             acc_list.append(accuracy(params, state, x_te, y_te))
-            if bar is not None:
-                bar.set_postfix(test_acc=f"{float(acc_list[-1]):.3f}", refresh=False)
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+        if progress and (i % report_every == 0 or i == total):
+            acc = f"{float(acc_list[-1]):.4f}" if acc_list else "-"
+            print(
+                f"  {name}: epoch {i // per_epoch}/{epochs}, step {i}/{total}, "
+                f"loss {float(loss):.4f}, test acc {acc}",
+                flush=True,
+            )
     losses = np.asarray(jax.device_get(loss_list), np.float64)
     accs = np.asarray(jax.device_get(acc_list), np.float64)
     hit = np.flatnonzero(accs >= TARGET)
@@ -248,13 +249,7 @@ def plot_curves(results, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxbn demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20, help="epochs per run (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="init and shuffling seed (default 0)")
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
-    parser.add_argument(
-        "--out", default="jaxbn-demo.png", help="learning-curve PNG (default ./jaxbn-demo.png)"
-    )
+    parser = demo_parser()
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")

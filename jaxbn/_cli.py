@@ -1,0 +1,145 @@
+"""The commands' argument parsers and what each needs installed, importing neither jax nor numpy.
+
+``jaxbn COMMAND --help`` and a missing extra are answered from here, before the
+command's own module (which imports jax) loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+
+def check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxbn check",
+        description="Checks the hand-derived backward against float64 autodiff on this "
+        "backend (CPU or GPU) and times it against autodiff of the same forward.",
+    )
+    p.add_argument("--reps", type=int, default=20, help="timing repetitions (default 20)")
+    p.add_argument("--quick", action="store_true", help="skip the largest shape")
+    return p
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxbn demo",
+        description="Trains a small CNN on scikit-learn's 8x8 digits twice, without and with "
+        "batch norm, from the same weights and batches; prints a table and saves the "
+        "learning curves.",
+        epilog='Needs optax, scikit-learn and matplotlib: pip install "jaxbn[examples]".',
+    )
+    p.add_argument("--epochs", type=int, default=20, help="epochs per run (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="init and shuffling seed (default 0)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    p.add_argument(
+        "--out", default="jaxbn-demo.png", help="learning-curve PNG (default ./jaxbn-demo.png)"
+    )
+    return p
+
+
+def parse_shape(text):
+    """``"64x32x32x128:-1:bfloat16"`` -> ``((64, 32, 32, 128), -1, "bfloat16")``."""
+    parts = text.split(":")
+    try:
+        shape = tuple(int(v) for v in parts[0].split("x"))
+        axis = int(parts[1]) if len(parts) > 1 and parts[1] else -1
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"got {text!r}; expected sizes joined by 'x', then optionally ':AXIS' and "
+            f"':DTYPE', e.g. 64x128x32x32:1:bfloat16."
+        ) from None
+    return shape, axis, parts[2] if len(parts) > 2 else "float32"
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxbn bench",
+        description="Benchmarks jaxbn against Flax's BatchNorm, plain autodiff and the "
+        "memory-traffic floor (a jitted x * a + b), in training, backward and eval modes.",
+        epilog='Needs flax: pip install "jaxbn[flax]".',
+    )
+    p.add_argument("--reps", type=int, help="timed calls per case (default 40, --quick 10)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 5, --quick 2)")
+    p.add_argument("--quick", action="store_true", help="three shapes, fewer calls")
+    p.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        metavar="AxBxC[:AXIS[:DTYPE]]",
+        help="benchmark this shape instead (repeatable), e.g. 64x128x32x32:1:bfloat16",
+    )
+    p.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        help="add this to the data (randn * 2 + 1); e.g. 1e4 takes jaxbn's shifted statistics",
+    )
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="do not evict the caches before each timed call (order then matters)",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat in this many fresh processes and report each cell's median "
+        "(a process's memory layout can move a ratio by 5-10%%)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown summary")
+    p.add_argument(
+        "--allocator",
+        choices=["auto", "current", "jemalloc", "glibc", "both"],
+        default="auto",
+        help="auto (default): jemalloc if installed, else glibc tuned in process; current: "
+        "as started; glibc: glibc's defaults; both: jemalloc, then glibc's defaults",
+    )
+    return p
+
+
+# name: (module, one-line help, parser, (import name, distribution) it needs, extra)
+COMMANDS = {
+    "check": (
+        "jaxbn._check",
+        "hand-derived backward vs float64 autodiff on this backend",
+        check_parser,
+        (),
+        None,
+    ),
+    "demo": (
+        "jaxbn._demo",
+        "train a small CNN on sklearn's digits with and without batch norm",
+        demo_parser,
+        (("optax", "optax"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")),
+        "examples",
+    ),
+    "bench": (
+        "jaxbn._bench",
+        "benchmark against Flax and the memory-traffic floor",
+        bench_parser,
+        (("flax", "flax"),),
+        "flax",
+    ),
+}
+
+
+def _join(words) -> str:
+    words = list(words)
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
+
+
+def missing_message(name: str) -> str | None:
+    """What to install for command ``name``, or None when nothing is missing."""
+    _, _, _, needs, extra = COMMANDS[name]
+    missing = [dist for module, dist in needs if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    if len(missing) == len(needs):
+        what = f"{_join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed"
+    else:
+        verb = "is" if len(missing) == 1 else "are"
+        what = f"{_join(dist for _, dist in needs)} ({_join(missing)} {verb} not installed)"
+    it = "it" if len(needs) == 1 else "them"
+    return f'jaxbn {name} needs {what}; install {it} with pip install "jaxbn[{extra}]".'
