@@ -30,8 +30,8 @@
 # and what happens as the batch shrinks.
 #
 # The data are scikit-learn's 1797 handwritten 8x8 digits, which ship with the
-# package: 1347 for training and 450 held out (the same split as `python -m jaxbn demo`,
-# from `jaxbn._demo`). The networks are small MLPs on the 64 pixels; the batch-size
+# package: 1347 for training and 450 held out (the same split as `python -m jaxbn demo`).
+# The networks are small MLPs on the 64 pixels; the batch-size
 # experiment uses the demo's CNN. Where a network has batch norm it sits between each
 # hidden linear layer and its nonlinearity, and replaces that layer's bias (the mean
 # subtraction would cancel it); the output layer is never normalized. The whole
@@ -40,6 +40,7 @@
 # %%
 import functools
 import itertools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +48,33 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 from jax import lax
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 import jaxbn
-from jaxbn._demo import apply_cnn, batches, cross_entropy, init_cnn, load_digits_split
-from jaxbn._demo import make_train_step as make_cnn_step
+
+
+def load_digits_split():
+    """The 1797 digits as NHWC images in [0, 1], split 3:1 and stratified as in the demo."""
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]
+    y = d.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    return types.SimpleNamespace(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+
+
+def batches(n, batch_size, epochs, seed):
+    """Index arrays of a fresh permutation each epoch; the last partial batch is dropped."""
+    rs = np.random.RandomState(seed)
+    for _ in range(epochs):
+        perm = rs.permutation(n)
+        for i in range(n // batch_size):
+            yield perm[i * batch_size : (i + 1) * batch_size]
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
 
 digits = load_digits_split()
 X_train = jnp.asarray(digits.x_train.reshape(len(digits.x_train), -1))
@@ -537,12 +561,65 @@ for bn in (False, True):
 #
 # Batch norm trains on the statistics of each batch and evaluates with running
 # averages of them. The smaller the batch, the noisier its statistics, and the more the
-# two modes differ. The demo's CNN (three 3x3 convolutions, `jaxbn._demo`), with and
-# without batch norm, trained for 500 steps of Adam (learning rate `1e-3`) at each
-# batch size; small batches therefore see fewer digits. The validation digits are then
-# classified twice by the batch-norm network: in evaluation mode (running statistics),
-# and in training mode in batches of the training batch size (each batch normalized
-# with its own statistics, as in training).
+# two modes differ. The demo's CNN (three 3x3 convolutions, defined below as in
+# `python -m jaxbn demo`), with and without batch norm, trained for 500 steps of Adam
+# (learning rate `1e-3`) at each batch size; small batches therefore see fewer digits.
+# The validation digits are then classified twice by the batch-norm network: in
+# evaluation mode (running statistics), and in training mode in batches of the training
+# batch size (each batch normalized with its own statistics, as in training).
+
+
+# %%
+def init_cnn(key, use_bn, widths=(16, 32, 64), num_classes=10):
+    """He-initialized 3x3 convolutions and a linear head; batch norm replaces the biases."""
+    keys = jax.random.split(key, len(widths) + 1)
+    params, state, c_in = [], [], 1
+    for k, c in zip(keys, widths):
+        w = jax.random.normal(k, (3, 3, c_in, c)) * np.sqrt(2.0 / (9 * c_in))
+        if use_bn:
+            params.append({"w": w, "gamma": jnp.ones(c), "beta": jnp.zeros(c)})
+            state.append(jaxbn.init_state(c))
+        else:
+            params.append({"w": w, "b": jnp.zeros(c)})
+        c_in = c
+    w = jax.random.normal(keys[-1], (c_in, num_classes)) * np.sqrt(1.0 / c_in)
+    params.append({"w": w, "b": jnp.zeros(num_classes)})
+    return params, tuple(state)
+
+
+def apply_cnn(params, state, x, *, training):
+    """Logits of NHWC images (N, 8, 8, 1) and the new running statistics."""
+    new_state, h = [], x
+    for i, layer in enumerate(params[:-1]):
+        stride = 1 if i == 0 else 2
+        h = lax.conv_general_dilated(
+            h, layer["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        if "gamma" in layer:
+            h, s = jaxbn.batch_norm(h, layer["gamma"], layer["beta"], state[i], training=training)
+            new_state.append(s)
+        else:
+            h = h + layer["b"][None, None, None, :]
+        h = jax.nn.relu(h)
+    h = jnp.mean(h, axis=(1, 2))
+    return h @ params[-1]["w"] + params[-1]["b"][None, :], tuple(new_state)
+
+
+def make_cnn_step(optimizer):
+    """A jitted step(params, state, opt_state, x, y) -> (params, state, opt_state, loss)."""
+
+    def loss_fn(params, state, x, y):
+        logits, new_state = apply_cnn(params, state, x, training=True)
+        return cross_entropy(logits, y), new_state
+
+    @jax.jit
+    def step(params, state, opt_state, x, y):
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), state, opt_state, loss
+
+    return step
+
 
 # %%
 BATCH_SIZES = [2, 4, 8, 16, 32, 64]

@@ -22,8 +22,8 @@
 # argument: `axis_name`, which makes every device normalize with the statistics of the
 # whole batch.
 #
-# This notebook trains the small CNN of `python -m jaxbn demo` (`jaxbn._demo`) on
-# scikit-learn's digits four ways, from the same initial values and the same batches:
+# This notebook trains the small CNN of `python -m jaxbn demo` on scikit-learn's digits
+# four ways, from the same initial values and the same batches:
 #
 # 1. on one device, with a jitted step;
 # 2. with the step sharded over 8 devices by `jax.shard_map`, statistics synchronized
@@ -38,6 +38,8 @@
 # arrays).
 
 # %%
+import types
+
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -46,11 +48,79 @@ import optax
 from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
-from jaxbn._demo import apply_cnn, batches, init_cnn, load_digits_split
+import jaxbn
 
 jax.config.update("jax_num_cpu_devices", 8)
 print(jax.devices())
+
+# %% [markdown]
+# ## The data and the model
+#
+# The demo's data and CNN, written out: the 1797 digits as NHWC images in `[0, 1]`,
+# split 3:1; three 3x3 convolutions (the last two with stride 2), each followed by
+# `jaxbn.batch_norm` (which replaces the convolution's bias) and a relu, then a global
+# average and a linear head. `axis_name` goes to every batch norm; it is what
+# `shard_map` below needs.
+
+
+# %%
+def load_digits_split():
+    """The 1797 digits as NHWC images in [0, 1], split 3:1 and stratified as in the demo."""
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]
+    y = d.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    return types.SimpleNamespace(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+
+
+def batches(n, batch_size, epochs, seed):
+    """Index arrays of a fresh permutation each epoch; the last partial batch is dropped."""
+    rs = np.random.RandomState(seed)
+    for _ in range(epochs):
+        perm = rs.permutation(n)
+        for i in range(n // batch_size):
+            yield perm[i * batch_size : (i + 1) * batch_size]
+
+
+def init_cnn(key, use_bn, widths=(16, 32, 64), num_classes=10):
+    """He-initialized 3x3 convolutions and a linear head; batch norm replaces the biases."""
+    keys = jax.random.split(key, len(widths) + 1)
+    params, state, c_in = [], [], 1
+    for k, c in zip(keys, widths):
+        w = jax.random.normal(k, (3, 3, c_in, c)) * np.sqrt(2.0 / (9 * c_in))
+        if use_bn:
+            params.append({"w": w, "gamma": jnp.ones(c), "beta": jnp.zeros(c)})
+            state.append(jaxbn.init_state(c))
+        else:
+            params.append({"w": w, "b": jnp.zeros(c)})
+        c_in = c
+    w = jax.random.normal(keys[-1], (c_in, num_classes)) * np.sqrt(1.0 / c_in)
+    params.append({"w": w, "b": jnp.zeros(num_classes)})
+    return params, tuple(state)
+
+
+def apply_cnn(params, state, x, *, training, axis_name=None):
+    """Logits of NHWC images (N, 8, 8, 1) and the new running statistics."""
+    new_state, h = [], x
+    for i, layer in enumerate(params[:-1]):
+        stride = 1 if i == 0 else 2
+        h = lax.conv_general_dilated(
+            h, layer["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        if "gamma" in layer:
+            h, s = jaxbn.batch_norm(
+                h, layer["gamma"], layer["beta"], state[i], training=training, axis_name=axis_name
+            )
+            new_state.append(s)
+        else:
+            h = h + layer["b"][None, None, None, :]
+        h = jax.nn.relu(h)
+    h = jnp.mean(h, axis=(1, 2))
+    return h @ params[-1]["w"] + params[-1]["b"][None, :], tuple(new_state)
+
 
 # %% [markdown]
 # ## One device: the functional loop

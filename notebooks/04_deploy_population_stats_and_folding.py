@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -26,25 +28,115 @@
 #    the kernel scaled per output channel and a bias. `jaxbn.fold_batch_norm` returns
 #    them; the network then runs without batch norm at all.
 #
-# We use the demo's CNN (`python -m jaxbn demo`) on scikit-learn's digits.
+# We use the demo's CNN (`python -m jaxbn demo`) on scikit-learn's digits, written out
+# in the next cell: three 3x3 convolutions, each followed by `jaxbn.batch_norm` and a
+# relu, then a global average and a linear head. A list passed as `bn_inputs` receives
+# each batch norm's input, for `jaxbn.population_stats`.
 
 # %%
+import time
+import types
+
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from jax import lax
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 import jaxbn
-from jaxbn._check import _time as median_ms  # median ms of jitted calls
-from jaxbn._demo import (
-    apply_cnn,
-    batches,
-    init_cnn,
-    load_digits_split,
-    make_accuracy,
-    make_train_step,
-)
+
+
+def load_digits_split():
+    """The 1797 digits as NHWC images in [0, 1], split 3:1 and stratified as in the demo."""
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]
+    y = d.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    return types.SimpleNamespace(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+
+
+def batches(n, batch_size, epochs, seed):
+    """Index arrays of a fresh permutation each epoch; the last partial batch is dropped."""
+    rs = np.random.RandomState(seed)
+    for _ in range(epochs):
+        perm = rs.permutation(n)
+        for i in range(n // batch_size):
+            yield perm[i * batch_size : (i + 1) * batch_size]
+
+
+def init_cnn(key, use_bn, widths=(16, 32, 64), num_classes=10):
+    """He-initialized 3x3 convolutions and a linear head; batch norm replaces the biases."""
+    keys = jax.random.split(key, len(widths) + 1)
+    params, state, c_in = [], [], 1
+    for k, c in zip(keys, widths):
+        w = jax.random.normal(k, (3, 3, c_in, c)) * np.sqrt(2.0 / (9 * c_in))
+        if use_bn:
+            params.append({"w": w, "gamma": jnp.ones(c), "beta": jnp.zeros(c)})
+            state.append(jaxbn.init_state(c))
+        else:
+            params.append({"w": w, "b": jnp.zeros(c)})
+        c_in = c
+    w = jax.random.normal(keys[-1], (c_in, num_classes)) * np.sqrt(1.0 / c_in)
+    params.append({"w": w, "b": jnp.zeros(num_classes)})
+    return params, tuple(state)
+
+
+def apply_cnn(params, state, x, *, training, bn_inputs=None):
+    """Logits of NHWC images (N, 8, 8, 1) and the new running statistics."""
+    new_state, h = [], x
+    for i, layer in enumerate(params[:-1]):
+        stride = 1 if i == 0 else 2
+        h = lax.conv_general_dilated(
+            h, layer["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        if "gamma" in layer:
+            if bn_inputs is not None:
+                bn_inputs.append(h)
+            h, s = jaxbn.batch_norm(h, layer["gamma"], layer["beta"], state[i], training=training)
+            new_state.append(s)
+        else:
+            h = h + layer["b"][None, None, None, :]
+        h = jax.nn.relu(h)
+    h = jnp.mean(h, axis=(1, 2))
+    return h @ params[-1]["w"] + params[-1]["b"][None, :], tuple(new_state)
+
+
+def make_train_step(optimizer):
+    """A jitted step(params, state, opt_state, x, y) -> (params, state, opt_state, loss)."""
+
+    def loss_fn(params, state, x, y):
+        logits, new_state = apply_cnn(params, state, x, training=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_state
+
+    @jax.jit
+    def step(params, state, opt_state, x, y):
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), state, opt_state, loss
+
+    return step
+
+
+@jax.jit
+def accuracy(params, state, x, y):
+    """Test accuracy in evaluation mode (running statistics)."""
+    logits, _ = apply_cnn(params, state, x, training=False)
+    return jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+def median_ms(f, args, reps):
+    """Median time of f(*args) in ms, after a first call that compiles."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
 
 data = load_digits_split()
 x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
@@ -65,7 +157,7 @@ print(f"train {x_train.shape}, test {x_test.shape}")
 params, state = init_cnn(jax.random.key(0), use_bn=True)
 optimizer = optax.sgd(0.1, momentum=0.9)
 opt_state = optimizer.init(params)
-step, accuracy = make_train_step(optimizer), make_accuracy()
+step = make_train_step(optimizer)
 
 
 @jax.jit
