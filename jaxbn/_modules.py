@@ -36,6 +36,7 @@ def core_options(module, *, training: bool, initializing: bool = False) -> dict:
         unbiased_running_var=module.unbiased_running_var,
         renorm=module.renorm,
         virtual_batch_size=module.virtual_batch_size if training and not initializing else None,
+        custom_vjp=module.custom_vjp,
     )
 
 

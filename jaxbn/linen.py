@@ -113,9 +113,12 @@ class BatchNorm(nn.Module):
         statistics in training and evaluation alike, never updated, and no
         gradient for ``scale`` and ``bias`` (for trainable ones with fixed
         statistics, use ``use_running_average=True``).
+      custom_vjp: differentiate training with jaxbn's hand-derived backward
+        (default); False uses JAX's autodiff of the same computation, which
+        forward mode (``jax.jvp``, ``jax.jacfwd``) needs.
 
-    The last four are jaxbn's options (see :func:`jaxbn.batch_norm`), off by
-    default so that the module stays a drop-in for Flax's. ``momentum=None`` keeps a cumulative average, as PyTorch's ``momentum=None``;
+    The last five are jaxbn's options (see :func:`jaxbn.batch_norm`), with
+    defaults that keep the module a drop-in for Flax's. ``momentum=None`` keeps a cumulative average, as PyTorch's ``momentum=None``;
     then ``batch_stats`` also holds ``count``, the number of updates.
 
     Example:
@@ -150,6 +153,7 @@ class BatchNorm(nn.Module):
     renorm: tuple[float, float] | None = None
     virtual_batch_size: int | None = None
     frozen: bool = False
+    custom_vjp: bool = True
 
     @nn.compact
     def __call__(

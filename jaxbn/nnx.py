@@ -85,8 +85,8 @@ class BatchNorm(nnx.Module):
       rngs: :class:`flax.nnx.Rngs` for the initializers.
       bias_metadata: metadata for the ``bias`` ``nnx.Param``.
       scale_metadata: metadata for the ``scale`` ``nnx.Param``.
-      unbiased_running_var, renorm, virtual_batch_size, frozen: jaxbn's options,
-        off by default so the module stays a drop-in for Flax's; as for
+      unbiased_running_var, renorm, virtual_batch_size, frozen, custom_vjp:
+        jaxbn's options, with defaults that keep the module a drop-in for Flax's; as for
         :class:`jaxbn.linen.BatchNorm`. ``momentum=None`` keeps a cumulative
         average and adds a ``count`` ``nnx.BatchStat``.
 
@@ -132,6 +132,7 @@ class BatchNorm(nnx.Module):
         renorm: tuple[float, float] | None = None,
         virtual_batch_size: int | None = None,
         frozen: bool = False,
+        custom_vjp: bool = True,
     ):
         shape = _checks.feature_shape_of(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
@@ -165,6 +166,7 @@ class BatchNorm(nnx.Module):
         self.renorm = renorm
         self.virtual_batch_size = virtual_batch_size
         self.frozen = frozen
+        self.custom_vjp = custom_vjp
 
     def __call__(
         self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None

@@ -330,6 +330,35 @@ def test_nnx_virtual_batch_size_leaves_eval_as_flax():
     assert_same(ours, run(NNX["flax"]))
 
 
+# Not in the issue: forward mode through a training call needs custom_vjp=False.
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_forward_mode_in_training_with_custom_vjp_off_matches_flax(kind):
+    x, t = randn(0, (6, 3), 2.0, 1.0), randn(1, (6, 3))
+
+    def run(cls):
+        if kind == "linen":
+            bn = cls(use_running_average=False, **INITS)
+            variables = bn.init(jax.random.key(0), x)
+            f = lambda x: bn.apply(variables, x, mutable=["batch_stats"])  # noqa: E731
+        else:
+
+            def f(x):  # a module built outside would be mutated from inside the jvp
+                bn = cls(3, **INITS, rngs=nnx.Rngs(0))
+                return bn(x), nnx.to_pure_dict(nnx.state(bn, nnx.BatchStat))
+
+        return jax.jvp(f, (x,), (t,))
+
+    modules = {**(LINEN if kind == "linen" else NNX)}
+    ours_cls = modules["jaxbn"]
+    with pytest.raises(TypeError, match="custom_vjp=False"):
+        run(ours_cls)
+    modules["jaxbn"] = functools.partial(ours_cls, custom_vjp=False)
+    ours, theirs = both(run, modules)
+    assert_same(ours, theirs)
+
+
 # Items 3, 7, 9: complex inputs, Explicit meshes, symbolic shapes, through the modules.
 
 

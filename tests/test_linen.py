@@ -94,12 +94,13 @@ def assert_trees_close(a, b, tol=TOL):
         assert rel_err(u, v) <= tol, (path, rel_err(u, v))
 
 
-# jaxbn's own options (issue 5), each off by default
+# jaxbn's own options (issue 5), each with a default that keeps Flax's behaviour
 EXTRAS = {
     "unbiased_running_var": False,
     "renorm": None,
     "virtual_batch_size": None,
     "frozen": False,
+    "custom_vjp": True,
 }
 
 

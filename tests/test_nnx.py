@@ -97,6 +97,7 @@ def test_signature_and_defaults_are_flaxs(method):
         "renorm": None,
         "virtual_batch_size": None,
         "frozen": False,
+        "custom_vjp": True,
     }
     ours = params(jaxbn.nnx.BatchNorm)
     assert [p for p in ours if p[0] not in extras] == params(nnx.BatchNorm)
