@@ -170,7 +170,11 @@ def check_momentum(momentum, allow_none: bool = True):
 def check_batch_size(x_shape, reduce_axes, axis_name) -> None:
     """Training needs two or more values per feature (PyTorch raises here too)."""
     n = math.prod(x_shape[a] for a in reduce_axes)
-    if n <= 1 and axis_name is None:
+    try:
+        too_few = n <= 1
+    except jax.errors.InconclusiveDimensionOperation:  # symbolic (jax.export): known at run time
+        too_few = False
+    if too_few and axis_name is None:
         raise ValueError(
             f"training=True needs more than one value per feature to compute a "
             f"variance, but x of shape {tuple(x_shape)} has {n} along the reduced "

@@ -85,7 +85,7 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
         t1, t2 = sums((0, 1))
         finite = jnp.all(jnp.isfinite(t1) & jnp.isfinite(t2))  # psum'd: all devices agree
         t1b, t2b = lax.cond(finite, lambda: (t1, t2), lambda: sums((2, 3)))
-        return _stats.combine((t1, t2, t1b, t2b), s, n)
+        return _stats.combine((t1, t2, t1b, t2b), s, n, _stats._size(x, feature_axes))
 
     return lax.cond(fast, fast_moments, shifted_moments)
 

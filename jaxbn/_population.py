@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxbn import _checks
 from jaxbn._state import BatchNormState
-from jaxbn._stats import moments
+from jaxbn._core import _Config, _moments
 
 
 def population_stats(
@@ -72,15 +72,32 @@ def population_stats(
     def batch_moments(xs):
         out = []
         for x in xs:
-            mo = moments(x, _checks.normalize_axes(axis, x.ndim))
-            out.append((mo.count, mo.mean, mo.var))
+            axes = _checks.normalize_axes(axis, x.ndim)
+            mo = _moments(_Config(axes, 1e-5, None, None, None), x, None)
+            out.append((mo.count, mo.shift, mo.delta, mo.var))
         return out
 
     acc, treedef, num = None, None, 0
     for batch in batches:
         xs, td = jax.tree.flatten(fn(batch))
-        leaves = batch_moments([_checks.check_x(x) for x in xs])
-        leaves = [tuple(np.asarray(v, np.float64) for v in leaf) for leaf in leaves]
+        xs = [_checks.check_x(x) for x in xs]
+        for x in xs:
+            axes = _checks.normalize_axes(axis, x.ndim)
+            if any(x.shape[a] == 0 for a in range(x.ndim) if a not in axes):
+                raise ValueError(
+                    f"fn returned an array of shape {x.shape} with no values to count for "
+                    f"batch {num}; expected at least one value per feature."
+                )
+        leaves = batch_moments(xs)
+        # the mean as shift + delta in float64: a float32 mean alone loses ulp(mean) / 2
+        leaves = [
+            (
+                np.asarray(n, np.float64),
+                np.asarray(sh, np.float64) + np.asarray(de, np.float64),
+                np.asarray(v, np.float64),
+            )
+            for n, sh, de, v in leaves
+        ]
         if acc is None:
             acc, treedef = [(n, m, v * n) for n, m, v in leaves], td
         else:

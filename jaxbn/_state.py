@@ -19,6 +19,10 @@ class BatchNormState(NamedTuple):
     count: jax.Array  # type: ignore[assignment]
 
 
+# jax.export can serialize a function that takes or returns the state.
+jax.export.register_namedtuple_serialization(BatchNormState, serialized_name="jaxbn.BatchNormState")
+
+
 def init_state(num_features, dtype=jnp.float32) -> BatchNormState:
     """Creates fresh running statistics: mean zeros, variance ones, count zero.
 

@@ -171,8 +171,16 @@ def _candidates(x, m, feature_axes):
             else lax.broadcasted_iota(jnp.int32, kept, a)
             for a in range(x.ndim)
         )
-        vals.append(jnp.reshape(x[idx].astype(dt), fshape))
+        vals.append(jnp.reshape(_gather(x, idx).astype(dt), fshape))
     return vals, has
+
+
+def _gather(x, idx):
+    """``x[idx]``, replicated when ``x`` is sharded along a mesh's Explicit axes."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+    if any(p is not None for p in spec):
+        return x.at[idx].get(out_sharding=jax.sharding.PartitionSpec())
+    return x[idx]
 
 
 def variadic_minmax(operands, axes):
@@ -184,8 +192,14 @@ def variadic_minmax(operands, axes):
 
 
 def stat_operands(x, m, s, feature_axes):
-    """The x-sized operands of the statistics' sums: v, v*v and their scaled twins."""
+    """The x-sized operands of the statistics' sums: ``v / N``, ``v * v / N`` and the twins.
+
+    ``N`` is the static number of reduced positions on this device: terms divided
+    before they are summed keep every sum, and ``S1**2``, within range (XLA rewrites
+    ``(S1 / N)**2`` as ``S1**2 / N**2`` where ``N`` is a constant).
+    """
     dt = compute_dtype(x.dtype)
+    inv = 1 / jnp.maximum(jnp.asarray(_size(x, feature_axes), dt), 1)
     se = expand(s, x.ndim, feature_axes)
     xf = x.astype(dt)
     c = jnp.asarray(2.0**-_SCALE_EXP, dt)
@@ -193,19 +207,30 @@ def stat_operands(x, m, s, feature_axes):
     vb = xf * c - se * c
     if m is not None:
         v, vb = jnp.where(m, v, 0), jnp.where(m, vb, 0)
-    return v, v * v, vb, vb * vb
+    return v * inv, v * v * inv, vb * inv, vb * vb * inv
 
 
-def combine(sums, s, n) -> Moments:
-    """Moments from the (psum'd) sums around ``s`` and the count ``n``."""
+def _size(x, feature_axes):
+    return math.prod(x.shape[a] for a in reduced_axes(x.ndim, feature_axes))
+
+
+def combine(sums, s, n, size) -> Moments:
+    """Moments from the (psum'd) sums of :func:`stat_operands` around ``s``.
+
+    ``n`` is the count (all devices), ``size`` the static ``N`` of one device.
+    """
     s1, s2, s1b, s2b = sums
     dt = s.dtype
-    n1 = jnp.maximum(n, 1).astype(dt)
+    r = jnp.maximum(jnp.asarray(size, dt), 1) / jnp.maximum(n, 1).astype(
+        dt
+    )  # 1 unmasked on one device
     normal = jnp.isfinite(s1) & jnp.isfinite(s2)
     c = jnp.where(normal, 1, jnp.asarray(2.0**-_SCALE_EXP, dt))
-    t1, t2 = jnp.where(normal, s1, s1b), jnp.where(normal, s2, s2b)
-    d = t1 / n1
-    var = jnp.maximum(t2 / n1 - d * d, 0) / (c * c)
+    d = jnp.where(normal, s1, s1b) * r
+    msq = jnp.where(normal, s2, s2b) * r
+    # var_c / c**2 as two products: c**2 is subnormal (0 where denormals are flushed)
+    k = jnp.where(normal, 1, jnp.asarray(2.0**_SCALE_EXP, dt))
+    var = jnp.maximum(msq - d * d, 0) * k * k
     # TwoSum in the scaled space: the rounded mean and its exact rounding error.
     sc = s * c
     hi = sc + d
@@ -252,7 +277,7 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
         sums = psum(sums, axis_name, axis_index_groups)
     else:
         *sums, n = psum(sums, axis_name, axis_index_groups)
-    return combine(tuple(sums), s, n)
+    return combine(tuple(sums), s, n, _size(x, feature_axes))
 
 
 def moments_tangent(x, m, feature_axes, axis_name, axis_index_groups, mo: Moments, dx):

@@ -51,7 +51,7 @@ def outputs(fn, x, gamma, beta, mask, axis):
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-def test_vjp_matches_reference(dtype, shape, axis, affine, masked):
+def test_vjp_matches_reference(dtype, shape, axis, affine, masked, program):
     with jax.enable_x64(dtype == jnp.float64):
         x, gamma, beta, mask, fshape = make(shape, axis, dtype, affine, masked=masked)
         rs = np.random.RandomState(1)
@@ -80,7 +80,7 @@ def test_vjp_matches_reference(dtype, shape, axis, affine, masked):
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
-def test_check_grads_second_order(shape, axis):
+def test_check_grads_second_order(shape, axis, program):
     with jax.enable_x64(True):
         x, gamma, beta, _, _ = make(shape, axis, jnp.float64, True)
         w = jnp.asarray(np.random.RandomState(2).randn(*shape))
@@ -94,7 +94,7 @@ def test_check_grads_second_order(shape, axis):
         check_grads(f, (x, gamma, beta), order=2, modes=["rev"])
 
 
-def test_grad_of_grad_matches_reference():
+def test_grad_of_grad_matches_reference(program):
     with jax.enable_x64(True):
         x, gamma, beta, _, _ = make((12, 4), -1, jnp.float64, True)
         w = jnp.asarray(np.random.RandomState(3).randn(12, 4))
@@ -164,7 +164,7 @@ def _forward_mode_case():
 
 
 @pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
-def test_pure_forward_mode_through_the_documented_switch(transform):
+def test_pure_forward_mode_through_the_documented_switch(transform, program):
     with jax.enable_x64(True):
         x, w, loss, ref = _forward_mode_case()
         run = {
@@ -177,7 +177,7 @@ def test_pure_forward_mode_through_the_documented_switch(transform):
 
 
 @pytest.mark.parametrize("custom", [True, False])
-def test_forward_over_reverse_hessian_and_hvp(custom):
+def test_forward_over_reverse_hessian_and_hvp(custom, program):
     # jvp of the custom rule's vjp differentiates fwd and bwd: no switch needed.
     with jax.enable_x64(True):
         x, w, loss, ref = _forward_mode_case()
@@ -187,7 +187,7 @@ def test_forward_over_reverse_hessian_and_hvp(custom):
         assert rel_err(hvp(f), hvp(ref)) < 1e-10
 
 
-def test_bfloat16_gradients_keep_dtypes():
+def test_bfloat16_gradients_keep_dtypes(program):
     x, gamma, beta, _, _ = make((32, 8), -1, jnp.float32, True)
     w = jnp.asarray(np.random.RandomState(7).randn(32, 8), jnp.float32)
     xb, gb, bb = (v.astype(jnp.bfloat16) for v in (x, gamma, beta))
@@ -204,7 +204,7 @@ def test_bfloat16_gradients_keep_dtypes():
 
 
 @pytest.mark.parametrize("ratio", [0.0, 3.9, 100.0, 1e4])
-def test_float32_dx_accurate_on_both_sides_of_the_backward_limit(ratio):
+def test_float32_dx_accurate_on_both_sides_of_the_backward_limit(ratio, program):
     # On CPU, S2 = sum(dy * x) - mean * S1 only where |mean| <= 4 std (jaxbn._core):
     # taken everywhere it would lose 3e-5 at 100 std and 2e-3 at 1e4 std.
     rs = np.random.RandomState(8)
@@ -219,7 +219,9 @@ def test_float32_dx_accurate_on_both_sides_of_the_backward_limit(ratio):
         g64 = gamma.astype(jnp.float64)
         _, vjp = jax.vjp(lambda x: bn_ref(x, g64, None)[0], x.astype(jnp.float64))
         dx_ref = vjp(dy.astype(jnp.float64))[0]
-    assert rel_err(dx, dx_ref) < 2e-6
+    # XLA:CPU runs the clean program's variadic reduces as one sequential loop (error
+    # ~ sqrt(n) ulp at n = 4096); its own program and GPUs' reductions sum in trees.
+    assert rel_err(dx, dx_ref) < (2e-6 if program == "cpu" else 1e-5)
 
 
 @pytest.mark.parametrize("ratio,unshifted", [(1.0, True), (3.9, True), (4.1, False), (1e4, False)])

@@ -51,7 +51,7 @@ def mesh():
 
 @pytest.mark.parametrize("spatial", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_shard_map_equals_one_device(spatial, masked):
+def test_shard_map_equals_one_device(spatial, masked, program):
     x, gamma, beta, w = data(spatial=spatial)
     mask = None
     if masked:
@@ -93,7 +93,7 @@ def test_shard_map_equals_one_device(spatial, masked):
     assert_same(y, st, grads, single(x, gamma, beta, w, mask))
 
 
-def test_grad_inside_shard_map_sums_replicated_parameters():
+def test_grad_inside_shard_map_sums_replicated_parameters(program):
     x, gamma, beta, w = data()
     msh = mesh()
 
@@ -118,7 +118,7 @@ def test_grad_inside_shard_map_sums_replicated_parameters():
         assert rel_err(a, b) < TOL
 
 
-def test_pmap_equals_one_device():
+def test_pmap_equals_one_device(program):
     x, gamma, beta, w = data()
     split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
 
@@ -143,7 +143,7 @@ def test_pmap_equals_one_device():
     )
 
 
-def test_pmap_axis_index_groups():
+def test_pmap_axis_index_groups(program):
     x, gamma, beta, _ = data()
     split = x.reshape(ND, -1, 6)
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -164,7 +164,7 @@ def test_pmap_axis_index_groups():
         assert rel_err(st.var[g[0]], st_r.var) < TOL
 
 
-def test_jit_with_batch_sharded_input_needs_no_axis_name():
+def test_jit_with_batch_sharded_input_needs_no_axis_name(program):
     x, gamma, beta, w = data(spatial=True)
     msh = mesh()
     put = lambda v: jax.device_put(v, NamedSharding(msh, P("batch")))  # noqa: E731
@@ -180,7 +180,7 @@ def test_jit_with_batch_sharded_input_needs_no_axis_name():
     assert_same(y, st, grads, single(x, gamma, beta, w))
 
 
-def test_named_vmap_equals_one_batch_and_grad_inside_works():
+def test_named_vmap_equals_one_batch_and_grad_inside_works(program):
     x, gamma, beta, w = data()
     split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
 
@@ -202,7 +202,7 @@ def test_named_vmap_equals_one_batch_and_grad_inside_works():
 
 
 @pytest.mark.parametrize("custom", [True, False])
-def test_grad_outside_named_vmap(custom):
+def test_grad_outside_named_vmap(custom, program):
     x, gamma, beta, w = data()
     split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
 

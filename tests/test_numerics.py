@@ -17,7 +17,7 @@ def train(x, gamma=None, beta=None, axis=-1, **kw):
 
 @pytest.mark.parametrize("offset", [1e2, 1e4, 1e6, -1e6])
 @pytest.mark.parametrize("n", [7, 4096])
-def test_large_offset_statistics_and_output(offset, n):
+def test_large_offset_statistics_and_output(offset, n, program):
     rs = np.random.RandomState(0)
     x = (offset + rs.randn(n, 16) * rs.uniform(0.5, 2, 16)).astype(np.float32)
     y, s = train(jnp.asarray(x))
@@ -41,7 +41,7 @@ def test_flax_default_fails_where_jaxbn_does_not():
 
 
 @pytest.mark.parametrize("value", [0.1, 3.7e5, -1e-30, 1e30, 0.0])
-def test_constant_feature_gives_zero_variance_and_exactly_beta(value):
+def test_constant_feature_gives_zero_variance_and_exactly_beta(value, program):
     x = np.random.RandomState(2).randn(100, 3).astype(np.float32)
     x[:, 1] = value
     gamma = jnp.array([2.0, 5.0, 0.5])
@@ -54,7 +54,7 @@ def test_constant_feature_gives_zero_variance_and_exactly_beta(value):
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-6, 1.0, 1e6, 1e15])
 @pytest.mark.parametrize("offset", [0.0, 1.0, -1e10])
-def test_finite_input_never_gives_nan_or_inf(scale, offset):
+def test_finite_input_never_gives_nan_or_inf(scale, offset, program):
     rs = np.random.RandomState(3)
     x = (offset + scale * rs.standard_cauchy((64, 5))).astype(np.float32)
     x[0, 0] = offset + scale * 1e3  # an outlier as the first value of a feature
@@ -64,7 +64,7 @@ def test_finite_input_never_gives_nan_or_inf(scale, offset):
         assert np.isfinite(np.asarray(s.var)).all() and np.isfinite(np.asarray(s.mean)).all()
 
 
-def test_outlier_first_value_still_accurate():
+def test_outlier_first_value_still_accurate(program):
     # The shift is the batch's first value; the correction pass absorbs a bad one.
     x = np.random.RandomState(4).randn(1000, 3).astype(np.float32)
     x[0] = 1e4
@@ -78,7 +78,7 @@ def test_outlier_first_value_still_accurate():
     "shape,axis",
     [((32, 6), -1), ((4, 5, 5, 6), -1), ((4, 6, 5, 5), 1), ((5, 4, 6), (1, 2))],
 )
-def test_training_output_and_state_update(shape, axis):
+def test_training_output_and_state_update(shape, axis, program):
     rs = np.random.RandomState(5)
     x = (rs.randn(*shape) * 2 + 3).astype(np.float32)
     mean, var = np_stats(x, axis)
@@ -145,7 +145,7 @@ def test_eval_mode_uses_running_statistics_and_returns_state_unchanged():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_output_keeps_input_dtype_and_state_stays_float32(dtype):
+def test_output_keeps_input_dtype_and_state_stays_float32(dtype, program):
     x = jnp.asarray(np.random.RandomState(9).randn(32, 4), dtype)
     for training in (True, False):
         y, s = jaxbn.batch_norm(
@@ -174,7 +174,7 @@ def test_nchw_axis_equals_nhwc_after_transpose():
     assert rel_err(s1.var, s2.var) < 1e-6
 
 
-def test_mask_counts_only_masked_in_values():
+def test_mask_counts_only_masked_in_values(program):
     rs = np.random.RandomState(12)
     x = rs.randn(40, 5).astype(np.float32) * 3 + 1
     mask = rs.rand(40, 5) > 0.5
@@ -185,7 +185,7 @@ def test_mask_counts_only_masked_in_values():
     assert np.isfinite(np.asarray(y)[mask]).all()
 
 
-def test_feature_with_no_masked_in_value_keeps_its_statistics():
+def test_feature_with_no_masked_in_value_keeps_its_statistics(program):
     x = np.random.RandomState(13).randn(10, 3).astype(np.float32)
     mask = np.ones((10, 3), bool)
     mask[:, 2] = False
