@@ -27,12 +27,14 @@ def core_options(module, *, training: bool, initializing: bool = False) -> dict:
     whole batch it is given, as Flax's does: no named axis (it need not exist
     yet) and no ghost batches (``init`` is often given one example).
     """
+    axis_name = None if initializing else module.axis_name
     return dict(
         axis=module.axis,
         momentum=module.momentum,
         eps=module.epsilon,
-        axis_name=None if initializing else module.axis_name,
-        axis_index_groups=None if initializing else module.axis_index_groups,
+        axis_name=axis_name,
+        # as in Flax, groups without a named axis have nothing to group
+        axis_index_groups=None if axis_name is None else module.axis_index_groups,
         unbiased_running_var=module.unbiased_running_var,
         renorm=module.renorm,
         virtual_batch_size=module.virtual_batch_size if training and not initializing else None,

@@ -330,6 +330,24 @@ def test_nnx_virtual_batch_size_leaves_eval_as_flax():
     assert_same(ours, run(NNX["flax"]))
 
 
+# Not in the issue: axis_index_groups without axis_name (Flax ignores them).
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_axis_index_groups_without_axis_name_train_as_flax(kind):
+    x = randn(0, (6, 3), 2.0, 1.0)
+
+    def run(cls):
+        if kind == "linen":
+            bn = cls(use_running_average=False, axis_index_groups=[[0]])
+            return bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+        bn = cls(3, axis_index_groups=[[0]], rngs=nnx.Rngs(0))
+        return bn(x), nnx.to_pure_dict(nnx.state(bn))
+
+    ours, theirs = both(run, LINEN if kind == "linen" else NNX)
+    assert_same(ours, theirs)
+
+
 # Not in the issue: forward mode through a training call needs custom_vjp=False.
 
 
