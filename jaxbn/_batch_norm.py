@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from jaxbn import _checks
 from jaxbn._core import (
@@ -31,7 +34,9 @@ def _groups(axis_index_groups, axis_name):
     return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
 
 
-def _config(x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask):
+def _config(
+    x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
+) -> tuple[_Config, jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
     x = _checks.check_x(x)
     axes = _checks.normalize_axes(axis, x.ndim)
     fshape = tuple(x.shape[a] for a in axes)
@@ -40,7 +45,7 @@ def _config(x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask):
     mask = _checks.check_mask(mask, x.shape)
     cfg = _Config(
         axes,
-        _checks.check_eps(eps),
+        _checks.check_eps(eps, x.dtype),
         axis_name,
         _groups(axis_index_groups, axis_name),
         None if beta is None else beta.dtype,
@@ -114,23 +119,23 @@ def _ghost(cfg, x, gamma, beta, mask, renorm, custom_vjp, fallback, size):
 
 
 def batch_norm(
-    x,
-    gamma,
-    beta,
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
     state: BatchNormState,
     *,
     training: bool,
-    axis=-1,
+    axis: int | Sequence[int] = -1,
     momentum: float | None = 0.9,
     eps: float = 1e-5,
-    axis_name=None,
-    axis_index_groups=None,
-    mask=None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: ArrayLike | None = None,
     unbiased_running_var: bool = False,
-    renorm=None,
+    renorm: tuple[ArrayLike, ArrayLike] | None = None,
     virtual_batch_size: int | None = None,
     custom_vjp: bool = True,
-):
+) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization with explicit running statistics.
 
     Training (``training=True``) normalizes with the statistics of this batch::
@@ -203,20 +208,29 @@ def batch_norm(
     cfg, x, gamma, beta, mask = _config(
         x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
     )
-    _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
+    state = _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
     momentum = _checks.check_momentum(momentum)
     limits = _checks.check_renorm(renorm)
-    size = _checks.check_virtual_batch_size(virtual_batch_size, x.shape, cfg.axes, axis_name)
-    if not training:
+    if not training:  # ghost batches are a training-time option: any eval batch works
+        _checks.check_virtual_batch_size(virtual_batch_size, None, cfg.axes, axis_name)
         return _eval(cfg, x, gamma, beta, state), state
+    size = _checks.check_virtual_batch_size(virtual_batch_size, x.shape, cfg.axes, axis_name)
     reduced = [i for i in range(x.ndim) if i not in cfg.axes]
-    _checks.check_batch_size((size,) + x.shape[1:] if size else x.shape, reduced, axis_name)
+    _checks.check_batch_size(x.shape, reduced, axis_name, cfg.groups)
+    if size:
+        _checks.check_batch_size((size,) + x.shape[1:], reduced, None, None, "virtual_batch_size")
     rn = None if limits is None else Renorm(state.mean, state.var, *limits)
     fallback = None if mask is None else (state.mean, state.var)
-    if size:
-        y, mean, var, count = _ghost(cfg, x, gamma, beta, mask, rn, custom_vjp, fallback, size)
-    else:
-        y, mean, var, count = _normalize_train(cfg, x, gamma, beta, mask, rn, custom_vjp, fallback)
+    try:
+        if size:
+            out = _ghost(cfg, x, gamma, beta, mask, rn, custom_vjp, fallback, size)
+        else:
+            out = _normalize_train(cfg, x, gamma, beta, mask, rn, custom_vjp, fallback)
+    except NotImplementedError as err:
+        if cfg.groups is None or str(err):
+            raise
+        raise NotImplementedError(_checks.GROUPS_UNSUPPORTED) from err
+    y, mean, var, count = out
     if unbiased_running_var:
         var = jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)
     seen = None if mask is None else count > 0
@@ -235,7 +249,16 @@ def _eval(cfg, x, gamma, beta, state):
     return _affine(x, state.mean, None, rstd, gamma, beta, cfg.axes)
 
 
-def frozen_batch_norm(x, gamma, beta, state: BatchNormState, *, axis=-1, eps=1e-5, trainable=False):
+def frozen_batch_norm(
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    state: BatchNormState,
+    *,
+    axis: int | Sequence[int] = -1,
+    eps: float = 1e-5,
+    trainable: bool = False,
+) -> jax.Array:
     """Batch norm as a fixed affine map (detectron2's ``FrozenBatchNorm2d``).
 
     ``y = (x - state.mean) * gamma / sqrt(state.var + eps) + beta`` in training and
@@ -253,15 +276,23 @@ def frozen_batch_norm(x, gamma, beta, state: BatchNormState, *, axis=-1, eps=1e-
       ``y``, the shape and dtype of ``x``.
     """
     cfg, x, gamma, beta, _ = _config(x, gamma, beta, axis, eps, None, None, None)
-    _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
+    state = _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
     if not trainable:
         gamma, beta = lax.stop_gradient(gamma), lax.stop_gradient(beta)
     return _eval(cfg, x, gamma, beta, lax.stop_gradient(state))
 
 
 def batch_norm_fwd(
-    x, gamma, beta, *, axis=-1, eps=1e-5, axis_name=None, axis_index_groups=None, mask=None
-):
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    *,
+    axis: int | Sequence[int] = -1,
+    eps: float = 1e-5,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: ArrayLike | None = None,
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], BatchNormResiduals]:
     """The training-mode forward of the custom rule, for inspection and notebooks.
 
     Returns:
@@ -273,19 +304,21 @@ def batch_norm_fwd(
     cfg, x, gamma, beta, mask = _config(
         x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
     )
+    reduced = [i for i in range(x.ndim) if i not in cfg.axes]
+    _checks.check_batch_size(x.shape, reduced, axis_name, cfg.groups, allow_one=True)
     return _fwd(cfg, x, gamma, beta, mask)
 
 
 def batch_norm_bwd(
     residuals: BatchNormResiduals,
-    dy,
-    dmean=None,
-    dvar=None,
+    dy: ArrayLike,
+    dmean: ArrayLike | None = None,
+    dvar: ArrayLike | None = None,
     *,
-    axis=-1,
-    axis_name=None,
-    axis_index_groups=None,
-):
+    axis: int | Sequence[int] = -1,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """The hand-derived backward (see ``jaxbn._core`` for the derivation).
 
     Args:
@@ -298,6 +331,7 @@ def batch_norm_bwd(
     """
     x = residuals.x
     axes = _checks.normalize_axes(axis, x.ndim)
+    dy = _checks.check_cotangents(residuals, axes, dy, dmean, dvar)
     zeros = jnp.zeros_like(residuals.rstd)
     cfg = _Config(axes, 1.0, axis_name, _groups(axis_index_groups, axis_name), residuals.rstd.dtype)
     cts = (dy, zeros if dmean is None else dmean, zeros if dvar is None else dvar)

@@ -81,7 +81,8 @@ def check_per_feature(name: str, v, feature_shape: tuple[int, ...]):
     return v
 
 
-def check_state(state, feature_shape: tuple[int, ...]) -> None:
+def check_state(state, feature_shape: tuple[int, ...]):
+    """Checks ``state`` and returns it with array fields (lists and Python ints converted)."""
     from jaxbn._state import BatchNormState
 
     if not isinstance(state, BatchNormState):
@@ -89,6 +90,20 @@ def check_state(state, feature_shape: tuple[int, ...]) -> None:
             f"state must be a jaxbn.BatchNormState (from jaxbn.init_state), got "
             f"{type(state).__name__}."
         )
+    fields = []
+    for field in ("mean", "var", "count"):
+        v = getattr(state, field)
+        try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError("not a number")
+            v = jnp.asarray(v)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"state.{field} must be an array, got {type(v).__name__} ({err})."
+            ) from None
+        fields.append(v)
+    if any(f is not getattr(state, n) for f, n in zip(fields, ("mean", "var", "count"))):
+        state = BatchNormState(*fields)  # else the very same object, as evaluation returns it
     for field in ("mean", "var"):
         v = getattr(state, field)
         if v.shape != feature_shape:
@@ -110,6 +125,7 @@ def check_state(state, feature_shape: tuple[int, ...]) -> None:
             f"state.count must be an integer scalar, got shape {jnp.shape(state.count)} "
             f"and dtype {jnp.result_type(state.count)}."
         )
+    return state
 
 
 def check_mask(mask, x_shape: tuple[int, ...]):
@@ -148,10 +164,20 @@ def _static_number(name: str, v) -> None:
         )
 
 
-def check_eps(eps) -> float:
+def check_eps(eps, dtype=None) -> float:
     _static_number("eps", eps)
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}.")
+    if dtype is not None:
+        dt = jnp.promote_types(dtype, jnp.float32)
+        if jnp.issubdtype(dt, jnp.complexfloating):
+            dt = jnp.finfo(dt).dtype
+        tiny = float(jnp.finfo(dt).tiny)
+        if eps < tiny:
+            raise ValueError(
+                f"eps must be at least {tiny:.3g}, the smallest normal {np.dtype(dt).name} "
+                f"(smaller ones round to 0 in the statistics' arithmetic), got {eps!r}."
+            )
     return float(eps)
 
 
@@ -167,19 +193,80 @@ def check_momentum(momentum, allow_none: bool = True):
     return float(momentum)
 
 
-def check_batch_size(x_shape, reduce_axes, axis_name) -> None:
-    """Training needs two or more values per feature (PyTorch raises here too)."""
+def check_batch_size(
+    x_shape, reduce_axes, axis_name, groups=None, name="x", allow_one=False
+) -> None:
+    """Training needs values along the reduced axes, and two or more per feature.
+
+    PyTorch raises for one value too. Across devices the rule applies to the global
+    count (this device's count times the devices sharing the statistics), which is
+    static under ``shard_map``, ``pmap`` and ``vmap``.
+    """
     n = math.prod(x_shape[a] for a in reduce_axes)
+    devices = 1 if axis_name is None else axis_size(axis_name, groups)
     try:
-        too_few = n <= 1
+        empty, too_few = n == 0, n * devices <= 1
     except jax.errors.InconclusiveDimensionOperation:  # symbolic (jax.export): known at run time
-        too_few = False
-    if too_few and axis_name is None:
+        empty = too_few = False
+    if empty:
+        raise ValueError(
+            f"{name} of shape {tuple(x_shape)} has no values along the reduced axes "
+            f"{tuple(reduce_axes)}; training needs at least two values per feature."
+        )
+    if too_few and not allow_one:
+        where = "" if axis_name is None else f" over all devices of axis_name {axis_name!r}"
         raise ValueError(
             f"training=True needs more than one value per feature to compute a "
-            f"variance, but x of shape {tuple(x_shape)} has {n} along the reduced "
-            f"axes {tuple(reduce_axes)}; use a larger batch or training=False."
+            f"variance, but {name} of shape {tuple(x_shape)} has {n * devices} along the "
+            f"reduced axes {tuple(reduce_axes)}{where}; use a larger batch or training=False."
         )
+
+
+def axis_size(axis_name, groups) -> int:
+    """How many devices share the statistics; a clear error for an unbound name."""
+    try:
+        size = jax.lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not bound here; call batch_norm inside "
+            f"jax.shard_map, jax.pmap or jax.vmap with that axis name, or pass "
+            f"axis_name=None for per-device statistics."
+        ) from None
+    if groups is None:
+        return size
+    flat = sorted(i for g in groups for i in g)
+    if flat != list(range(size)) or len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"axis_index_groups must split the {size} devices of axis_name {axis_name!r} "
+            f"into groups of equal size, each device in exactly one, got {list(groups)}."
+        )
+    return len(groups[0])
+
+
+GROUPS_UNSUPPORTED = (
+    "axis_index_groups works under jax.pmap only: JAX's collectives take no groups "
+    "under jax.shard_map or jax.vmap; there, give each group its own mesh axis and "
+    "pass that axis as axis_name."
+)
+
+
+def check_cotangents(residuals, axes, dy, dmean, dvar):
+    """batch_norm_bwd: residuals from the same axis, cotangents of the right shapes."""
+    x = residuals.x
+    fshape = tuple(x.shape[a] for a in axes)
+    if residuals.rstd.shape != fshape:
+        raise ValueError(
+            f"residuals hold statistics of shape {residuals.rstd.shape}, but axis "
+            f"{axes} of x {x.shape} gives {fshape}; pass batch_norm_bwd the axis given "
+            f"to batch_norm_fwd."
+        )
+    dy = jnp.asarray(dy)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape}, expected x's shape {x.shape}.")
+    for name, v in (("dmean", dmean), ("dvar", dvar)):
+        if v is not None and jnp.shape(v) != fshape:
+            raise ValueError(f"{name} has shape {jnp.shape(v)}, expected {fshape}.")
+    return dy
 
 
 def check_renorm(renorm):
@@ -190,6 +277,15 @@ def check_renorm(renorm):
         raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}.")
     rmax, dmax = renorm
     for name, v, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
+        if isinstance(v, (bool, str, bytes)) or not (
+            isinstance(v, numbers.Real) or hasattr(v, "dtype")
+        ):
+            raise TypeError(f"renorm {name} must be a number or a scalar array, got {v!r}.")
+        if hasattr(v, "dtype") and not jnp.issubdtype(v.dtype, jnp.floating):
+            if not jnp.issubdtype(v.dtype, jnp.integer):
+                raise TypeError(
+                    f"renorm {name} must be a real number or scalar array, got dtype {v.dtype}."
+                )
         if isinstance(v, numbers.Real) and not isinstance(v, bool):
             if not (math.isfinite(v) and v >= low):
                 raise ValueError(
@@ -217,7 +313,7 @@ def check_virtual_batch_size(size, x_shape, feature_axes, axis_name):
             "virtual_batch_size cannot be combined with axis_name: ghost batches are "
             "per device; drop one of them."
         )
-    if x_shape[0] % size:
+    if x_shape is not None and x_shape[0] % size:
         raise ValueError(
             f"virtual_batch_size {size} does not divide the batch size {x_shape[0]} "
             f"(x.shape[0]); expected a divisor of it."

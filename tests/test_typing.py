@@ -17,12 +17,6 @@ import pytest
 ROOT = Path(__file__).parents[1]
 SCRIPT = "tests/typing_user_script.py"
 
-NOT_ANNOTATED_YET = pytest.mark.xfail(
-    strict=True,
-    reason="batch_norm, frozen_batch_norm, batch_norm_fwd and batch_norm_bwd in "
-    "jaxbn/_batch_norm.py have no return annotations yet (and axis is inferred as int)",
-)
-
 
 def run(cmd):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -33,14 +27,12 @@ def test_py_typed_marks_the_package():
     assert (ROOT / "jaxbn" / "py.typed").is_file()
 
 
-@NOT_ANNOTATED_YET
 def test_mypy_sees_the_public_types():
     pytest.importorskip("mypy")
     code, out = run([sys.executable, "-m", "mypy", "--no-error-summary", SCRIPT])
     assert code == 0, out
 
 
-@NOT_ANNOTATED_YET
 def test_pyright_sees_the_public_types():
     pytest.importorskip("pyright")
     if shutil.which("node") is None:

@@ -1,0 +1,149 @@
+"""Promises at the edges: counts, masked steps, clear errors before XLA (issue 12).
+
+The numerical edges (masks that exclude the first row, a fully masked device,
+values whose squares overflow, masked constant features) are in test_programs.py,
+run on both programs.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+
+ST3 = jaxbn.init_state(3)
+
+
+def test_momentum_none_skips_a_fully_masked_step():
+    x = jnp.asarray(np.random.RandomState(0).randn(8, 3) + 5.16, jnp.float32)
+    none = jnp.zeros((8, 1), bool)
+    kw = dict(training=True, momentum=None)
+    _, s = jaxbn.batch_norm(x, None, None, ST3, mask=none, **kw)
+    assert int(s.count) == 0 and np.all(np.asarray(s.mean) == 0)
+    _, s = jaxbn.batch_norm(x, None, None, s, **kw)
+    np.testing.assert_allclose(s.mean, np.asarray(x).mean(0), rtol=1e-6)  # not halved
+
+
+def test_population_stats_exact_at_large_offsets():
+    rs = np.random.RandomState(1)
+    batches = [(1e6 + rs.randn(512, 3)).astype(np.float32) for _ in range(5)]
+    with jax.enable_x64(True):
+        s = jaxbn.population_stats(jnp.asarray, batches, dtype=jnp.float64)
+    all_x = np.concatenate(batches).astype(np.float64)
+    assert np.max(np.abs(np.asarray(s.var) / all_x.var(0) - 1)) < 1e-6
+    assert np.max(np.abs(np.asarray(s.mean) - all_x.mean(0))) < 1e-6
+
+
+def test_population_stats_refuses_an_empty_batch():
+    with pytest.raises(ValueError, match="no values to count for batch 0"):
+        jaxbn.population_stats(lambda b: b, [jnp.zeros((0, 3))])
+
+
+def test_counts_are_exact_integers_beyond_float32():
+    n = 2**24 + 1
+    x = jnp.zeros((n, 1), jnp.float32)
+    (_, _, _, count), _ = jaxbn.batch_norm_fwd(x, None, None)
+    assert count.dtype == jnp.int32 and int(count) == n
+    mask = jnp.ones((n, 1), bool)
+    (_, _, _, count), _ = jaxbn.batch_norm_fwd(x, None, None, mask=mask)
+    assert count.dtype == jnp.int32 and int(count[0]) == n
+
+
+@pytest.mark.parametrize("eps", [1e-45, 1e-39])
+def test_eps_below_the_normal_range_is_refused(eps):
+    with pytest.raises(ValueError, match="eps must be at least 1.18e-38"):
+        jaxbn.batch_norm(jnp.ones((4, 3)), None, None, ST3, training=True, eps=eps)
+
+
+def test_eps_at_the_normal_limit_gives_finite_output():
+    x = jnp.asarray(np.random.RandomState(2).randn(16, 3) * 1e-15, jnp.float32)
+    x = x.at[:, 1].set(0.25)  # and a constant feature
+    y, s = jaxbn.batch_norm(x, None, None, ST3, training=True, eps=1.2e-38)
+    assert np.isfinite(np.asarray(y)).all() and np.all(np.asarray(y)[:, 1] == 0)
+
+
+@pytest.mark.parametrize("size", [None, 2])
+def test_an_empty_batch_is_refused(size):
+    with pytest.raises(ValueError, match=r"has no values along the reduced axes \(0,\)"):
+        jaxbn.batch_norm(jnp.zeros((0, 3)), None, None, ST3, training=True, virtual_batch_size=size)
+    with pytest.raises(ValueError, match="has no values along the reduced axes"):
+        jaxbn.batch_norm_fwd(jnp.zeros((0, 3)), None, None)
+
+
+def test_state_with_python_fields_is_converted():
+    st = jaxbn.BatchNormState([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
+    x = jnp.asarray(np.random.RandomState(3).randn(8, 3), jnp.float32)
+    _, new = jaxbn.batch_norm(x, None, None, st, training=True, momentum=None)
+    _, ref = jaxbn.batch_norm(x, None, None, ST3, training=True, momentum=None)
+    for a, b in zip(new, ref):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="state.mean must be an array, got str"):
+        jaxbn.batch_norm(x, None, None, jaxbn.BatchNormState("a", [1.0], 0), training=True)
+
+
+def test_unbound_axis_name_says_how_to_bind_it():
+    with pytest.raises(
+        ValueError, match="axis_name 'batch' is not bound here; call batch_norm inside"
+    ):
+        jaxbn.batch_norm(jnp.ones((4, 3)), None, None, ST3, training=True, axis_name="batch")
+
+
+def vmapped(x, **kw):
+    f = lambda r: jaxbn.batch_norm(r, None, None, ST3, training=True, axis_name="b", **kw)  # noqa: E731
+    return jax.vmap(f, axis_name="b")(x)
+
+
+def test_axis_index_groups_must_cover_the_axis():
+    with pytest.raises(
+        ValueError, match=r"axis_index_groups must split the 3 devices of axis_name 'b'"
+    ):
+        vmapped(jnp.ones((3, 2, 3)), axis_index_groups=[[0, 1], [2]])
+    with pytest.raises(ValueError, match="axis_index_groups must split the 4 devices"):
+        vmapped(jnp.ones((4, 2, 3)), axis_index_groups=[[0, 1], [1, 2]])
+
+
+def test_axis_index_groups_outside_pmap_says_where_they_work():
+    with pytest.raises(NotImplementedError, match="axis_index_groups works under jax.pmap only"):
+        vmapped(jnp.ones((4, 2, 3)), axis_index_groups=[[0, 1], [2, 3]])
+    mesh = jax.make_mesh((8,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    f = lambda r: jaxbn.batch_norm(  # noqa: E731
+        r, None, None, ST3, training=True, axis_name="b", axis_index_groups=groups
+    )[0]
+    sm = jax.shard_map(f, mesh=mesh, in_specs=P("b"), out_specs=P("b"))
+    with pytest.raises(NotImplementedError, match="axis_index_groups works under jax.pmap only"):
+        jax.jit(sm)(jnp.ones((16, 3)))
+
+
+def test_batch_of_one_is_refused_under_a_named_axis_of_size_one():
+    with pytest.raises(ValueError, match="has 1 along the reduced axes .* of axis_name 'b'"):
+        vmapped(jnp.ones((1, 1, 3)))
+    y, _ = vmapped(jnp.arange(6.0).reshape(2, 1, 3))  # one row per device, two devices
+    np.testing.assert_allclose(np.asarray(y)[:, 0, 0], [-1, 1], atol=1e-3)
+
+
+def test_bwd_checks_its_axis_and_cotangent_shapes():
+    (_, _, _, _), res = jaxbn.batch_norm_fwd(jnp.ones((4, 3, 2)), None, None)
+    with pytest.raises(ValueError, match=r"residuals hold statistics of shape \(2,\), but axis"):
+        jaxbn.batch_norm_bwd(res, jnp.ones((4, 3, 2)), axis=1)
+    with pytest.raises(ValueError, match=r"dy has shape \(4, 3\), expected x's shape \(4, 3, 2\)"):
+        jaxbn.batch_norm_bwd(res, jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"dmean has shape \(3,\), expected \(2,\)"):
+        jaxbn.batch_norm_bwd(res, jnp.ones((4, 3, 2)), jnp.ones(3))
+
+
+@pytest.mark.parametrize("limits", [("2", 1.0), (2.0, b"1"), (2.0, True)])
+def test_renorm_limits_must_be_numbers(limits):
+    with pytest.raises(TypeError, match="renorm (rmax|dmax) must be a number or a scalar array"):
+        jaxbn.batch_norm(jnp.ones((4, 3)), None, None, ST3, training=True, renorm=limits)
+
+
+def test_ghost_batches_constrain_training_only():
+    x = jnp.asarray(np.random.RandomState(4).randn(5, 3), jnp.float32)
+    y, s = jaxbn.batch_norm(x, None, None, ST3, training=False, virtual_batch_size=2)
+    ref, _ = jaxbn.batch_norm(x, None, None, ST3, training=False)
+    np.testing.assert_array_equal(y, ref)
+    with pytest.raises(ValueError, match="virtual_batch_size 2 does not divide the batch size 5"):
+        jaxbn.batch_norm(x, None, None, ST3, training=True, virtual_batch_size=2)
