@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _checks
-from jaxbn._state import BatchNormState
 from jaxbn._core import _Config, _moments
+from jaxbn._state import BatchNormState
 
 
 def population_stats(
