@@ -13,15 +13,19 @@ zero and no offset) and to the bias, so the formula lives in one place.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
 from jaxbn._core import _affine
-from jaxbn._state import BatchNormState
+from jaxbn._state import BatchNormState, init_state
 
 
-def fold_batch_norm(kernel, bias, gamma, beta, state: BatchNormState, *, eps: float = 1e-5):
+def fold_batch_norm(
+    kernel, bias, gamma, beta, state: BatchNormState | Mapping, *, eps: float = 1e-5
+):
     """Returns ``(kernel, bias)`` of one layer equal to the layer then eval-mode batch norm.
 
     Args:
@@ -29,7 +33,9 @@ def fold_batch_norm(kernel, bias, gamma, beta, state: BatchNormState, *, eps: fl
         kernel, output features last.
       bias: ``(C,)`` or None (a layer without bias).
       gamma, beta: ``(C,)`` or None, as for :func:`jaxbn.batch_norm`.
-      state: the running statistics, feature shape ``(C,)``.
+      state: the running statistics, feature shape ``(C,)``: a
+        :class:`jaxbn.BatchNormState`, or a dict with ``"mean"`` and ``"var"``
+        such as one Flax BatchNorm's ``batch_stats``.
       eps: the batch norm's epsilon.
 
     Returns:
@@ -37,6 +43,8 @@ def fold_batch_norm(kernel, bias, gamma, beta, state: BatchNormState, *, eps: fl
       kernel's dtype (the folded layer always has one).
 
     Raises:
+      TypeError: if ``state`` is neither a ``BatchNormState`` nor a dict with
+        ``"mean"`` and ``"var"``.
       ValueError: if the kernel's last axis does not match the statistics.
 
     Example:
@@ -46,6 +54,7 @@ def fold_batch_norm(kernel, bias, gamma, beta, state: BatchNormState, *, eps: fl
       >>> k[0], b
       (Array([0.5, 1. ], dtype=float32), Array([-0.5, -2. ], dtype=float32))
     """
+    state = _as_state(state)
     kernel = _checks.check_x(kernel)
     if kernel.ndim < 1:
         raise ValueError("kernel must have at least one axis, with output features last.")
@@ -66,32 +75,65 @@ def fold_batch_norm(kernel, bias, gamma, beta, state: BatchNormState, *, eps: fl
     return new_kernel, _affine(z, state.mean, None, rstd, gamma, beta, (0,))
 
 
+def _as_state(state) -> BatchNormState:
+    """A ``BatchNormState`` as is; a ``{"mean", "var"}`` dict (Flax's batch_stats) as one."""
+    if isinstance(state, BatchNormState):
+        return state
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"state must be a jaxbn.BatchNormState or a dict with 'mean' and 'var' "
+            f"(one Flax BatchNorm's batch_stats), got {type(state).__name__}."
+        )
+    if "mean" not in state or "var" not in state:
+        raise TypeError(
+            f"state is a dict with keys {sorted(state)}; expected 'mean' and 'var', "
+            f"as in one Flax BatchNorm's batch_stats."
+        )
+    # Folding ignores the count; init_state's keeps it the library's count dtype.
+    mean = jnp.asarray(state["mean"])
+    return BatchNormState(mean, jnp.asarray(state["var"]), init_state(1).count)
+
+
 def fold_linen(variables, pairs, *, eps: float = 1e-5):
     """Folds Conv/Dense -> BatchNorm pairs in a Flax linen variables tree.
 
     Args:
-      variables: ``{"params": ..., "batch_stats": ...}`` of the model with batch norm.
+      variables: ``{"params": ..., "batch_stats": ...}`` of the model with batch norm,
+        and any other collections.
       pairs: ``[(layer_path, bn_path), ...]``: names in the tree, a name or a tuple
         of names for nested modules, e.g. ``("Conv_0", "BatchNorm_0")``.
       eps: the batch norms' epsilon.
 
     Returns:
-      ``{"params": ...}`` for the same model without the batch norms: each layer
-      gets the folded kernel and a bias, each batch norm's entries are dropped
-      (the folded model must have ``use_bias=True`` on those layers).
+      The variables of the same model without the folded batch norms: each layer
+      gets the folded kernel and a bias (the folded model must have
+      ``use_bias=True`` on those layers), each folded batch norm's entries are
+      dropped, and everything else is kept, including the ``batch_stats`` of
+      batch norms not in ``pairs`` (a collection left empty is dropped). The
+      input is not modified.
+
+    Raises:
+      ValueError: if a path in ``pairs`` is not in the tree.
     """
+    out = dict(variables)
     params = _to_dict(variables["params"])
     stats = _to_dict(variables.get("batch_stats", {}))
     for layer_path, bn_path in pairs:
-        layer, bn_p = _get(params, layer_path), _get(params, bn_path)
-        bn_s = _get(stats, bn_path, "batch_stats")
-        state = BatchNormState(bn_s["mean"], bn_s["var"], jnp.zeros((), jnp.int32))
+        layer = _get(params, layer_path, "params", "a Dense or Conv layer")
+        bn_s = _get(stats, bn_path, "batch_stats", "a BatchNorm with running statistics")
+        # A BatchNorm with use_scale=False and use_bias=False has no params entry.
+        bn_p = _get(params, bn_path, "params", "a BatchNorm", missing={})
         layer["kernel"], layer["bias"] = fold_batch_norm(
-            layer["kernel"], layer.get("bias"), bn_p.get("scale"), bn_p.get("bias"), state, eps=eps
+            layer["kernel"], layer.get("bias"), bn_p.get("scale"), bn_p.get("bias"), bn_s, eps=eps
         )
         _pop(params, bn_path)
         _pop(stats, bn_path)
-    return {"params": params}
+    out["params"] = params
+    if stats:
+        out["batch_stats"] = stats
+    else:
+        out.pop("batch_stats", None)
+    return out
 
 
 def _to_dict(tree):
@@ -102,22 +144,34 @@ def _path(p):
     return (p,) if isinstance(p, str) else tuple(p)
 
 
-def _get(tree, path, what="params"):
+_REQUIRED = object()
+
+
+def _get(tree, path, collection, what, missing=_REQUIRED):
     node = tree
     for k in _path(path):
         if not hasattr(node, "items") or k not in node:
+            if missing is not _REQUIRED:
+                return missing
             raise ValueError(
-                f"{'/'.join(_path(path))} is not in the variables' {what!r} collection."
+                f"pairs names {'/'.join(_path(path))} as {what}, but it is not in the "
+                f"variables' {collection!r} collection; expected a path in that collection."
             )
         node = node[k]
     return node
 
 
 def _pop(tree, path):
+    """Removes the entry at ``path`` and any parent it leaves empty."""
     *parents, last = _path(path)
-    for k in parents:
-        tree = tree.get(k, {})
-    tree.pop(last, None)
+    if parents:
+        child = tree.get(parents[0])
+        if hasattr(child, "items"):
+            _pop(child, (*parents[1:], last))
+            if not child:
+                tree.pop(parents[0])
+    else:
+        tree.pop(last, None)
 
 
 def fold_nnx(layer, bn):

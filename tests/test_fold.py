@@ -102,9 +102,15 @@ def test_kernel_that_does_not_match_the_statistics_is_refused():
 def test_fold_linen_names_a_missing_layer():
     variables = {"params": {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))}}, "batch_stats": {}}
     with pytest.raises(
-        ValueError, match=r"BatchNorm_7 is not in the variables' 'params' collection"
+        ValueError,
+        match=r"pairs names BatchNorm_7 as a BatchNorm with running statistics, but it is not in the variables' 'batch_stats' collection",
     ):
         jaxbn.fold_linen(variables, [("Conv_0", "BatchNorm_7")])
+    with pytest.raises(
+        ValueError,
+        match=r"pairs names block/Conv_1 as a Dense or Conv layer, but it is not in the variables' 'params' collection",
+    ):
+        jaxbn.fold_linen(variables, [(("block", "Conv_1"), "BatchNorm_7")])
 
 
 def test_fold_under_jit():
@@ -114,3 +120,113 @@ def test_fold_under_jit():
     jitted = jax.jit(lambda k, s: jaxbn.fold_batch_norm(k, None, gamma, beta, s))(kernel, state)
     for a, b in zip(eager, jitted):
         assert rel_err(a, b) < 1e-6
+
+
+class TwoBlocks(nn.Module):
+    """Conv -> BN twice; ``fold_first`` replaces the first pair by one conv with bias."""
+
+    fold_first: bool = False
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        bn = lambda name: nn.BatchNorm(  # noqa: E731
+            use_running_average=True, use_scale=self.affine, use_bias=self.affine, name=name
+        )
+        x = nn.Conv(5, (3, 3), use_bias=self.fold_first, name="conv_a")(x)
+        if not self.fold_first:
+            x = bn("bn_a")(x)
+        x = nn.Conv(4, (3, 3), use_bias=False, name="conv_b")(nn.relu(x))
+        return bn("bn_b")(x)
+
+
+def random_variables(model, x, seed):
+    variables = model.init(jax.random.key(0), x)
+    rs = np.random.RandomState(seed)
+    return jax.tree.map(lambda v: v + jnp.asarray(rs.rand(*v.shape), v.dtype), variables)
+
+
+def test_fold_linen_keeps_the_batch_stats_of_unfolded_batch_norms():
+    x = jnp.asarray(np.random.RandomState(7).randn(2, 8, 8, 3), jnp.float32)
+    variables = random_variables(TwoBlocks(), x, seed=8)
+    folded = jaxbn.fold_linen(variables, [("conv_a", "bn_a")])
+    assert list(folded["batch_stats"]) == ["bn_b"]
+    y = TwoBlocks(fold_first=True).apply(folded, x)
+    assert rel_err(y, TwoBlocks().apply(variables, x)) < 1e-5
+
+
+def test_fold_linen_keeps_other_collections_and_leaves_the_input_unchanged():
+    variables = {
+        "params": {"Dense_0": {"kernel": jnp.ones((3, 2))}, "BatchNorm_0": {"scale": jnp.ones(2)}},
+        "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}},
+        "cache": {"step": jnp.array(3)},
+    }
+    folded = jaxbn.fold_linen(variables, [("Dense_0", "BatchNorm_0")])
+    assert sorted(folded) == ["cache", "params"] and int(folded["cache"]["step"]) == 3
+    assert sorted(variables["params"]) == ["BatchNorm_0", "Dense_0"]
+    assert "bias" not in variables["params"]["Dense_0"] and variables["batch_stats"]
+
+
+def test_fold_linen_folds_a_batch_norm_without_scale_or_bias():
+    x = jnp.asarray(np.random.RandomState(9).randn(2, 8, 8, 3), jnp.float32)
+    variables = random_variables(TwoBlocks(affine=False), x, seed=10)
+    assert "bn_a" not in variables["params"]
+    folded = jaxbn.fold_linen(variables, [("conv_a", "bn_a")])
+    y = TwoBlocks(fold_first=True, affine=False).apply(folded, x)
+    assert rel_err(y, TwoBlocks(affine=False).apply(variables, x)) < 1e-5
+
+
+def test_fold_batch_norm_takes_flax_batch_stats_dict():
+    x = jnp.asarray(np.random.RandomState(11).randn(2, 8, 8, 3), jnp.float32)
+    variables = random_variables(TwoBlocks(), x, seed=12)
+    params, stats = variables["params"], variables["batch_stats"]
+    kernel, bias = jaxbn.fold_batch_norm(
+        params["conv_a"]["kernel"],
+        None,
+        params["bn_a"]["scale"],
+        params["bn_a"]["bias"],
+        stats["bn_a"],
+    )
+    folded = {
+        "params": {**params, "conv_a": {"kernel": kernel, "bias": bias}},
+        "batch_stats": stats,
+    }
+    y = TwoBlocks(fold_first=True).apply(folded, x)
+    assert rel_err(y, TwoBlocks().apply(variables, x)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "state,match",
+    [
+        ({"mean": jnp.zeros(2)}, r"state is a dict with keys \['mean'\]; expected"),
+        ((jnp.zeros(2), jnp.ones(2)), r"state must be a jaxbn.BatchNormState or a dict"),
+    ],
+)
+def test_fold_batch_norm_names_a_state_it_cannot_read(state, match):
+    with pytest.raises(TypeError, match=match):
+        jaxbn.fold_batch_norm(jnp.ones((3, 2)), None, None, None, state)
+
+
+class Block(nn.Module):
+    fold: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(4, use_bias=self.fold)(x)
+        return x if self.fold else nn.BatchNorm(use_running_average=True)(x)
+
+
+class Nested(nn.Module):
+    fold_first: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        return Block(name="b1")(Block(self.fold_first, name="b0")(x))
+
+
+def test_fold_linen_nested_paths_keep_the_other_blocks_stats():
+    x = jnp.asarray(np.random.RandomState(13).randn(5, 3), jnp.float32)
+    variables = random_variables(Nested(), x, seed=14)
+    folded = jaxbn.fold_linen(variables, [(("b0", "Dense_0"), ("b0", "BatchNorm_0"))])
+    assert list(folded["batch_stats"]) == ["b1"]
+    assert rel_err(Nested(fold_first=True).apply(folded, x), Nested().apply(variables, x)) < 1e-5
