@@ -5,6 +5,10 @@ value: ``jaxbn = 1 - torch``, and ``None`` (cumulative average) means the same i
 both. PyTorch stores the unbiased batch variance in ``running_var``: train with
 ``unbiased_running_var=True`` for parity. ``num_batches_tracked`` maps to
 ``BatchNormState.count``.
+
+Arrays cross as NumPy, so that ``import jaxbn`` needs no torch: ``to_torch`` returns
+NumPy arrays, and PyTorch's ``load_state_dict`` takes only tensors, hence one line
+``bn.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
 """
 
 from __future__ import annotations
@@ -62,20 +66,43 @@ def from_torch(state_dict: Mapping, prefix: str = ""):
 
 
 def to_torch(gamma, beta, state: BatchNormState, prefix: str = "") -> dict:
-    """The inverse of :func:`from_torch`: a dict of NumPy arrays for ``load_state_dict``.
+    """The inverse of :func:`from_torch`: a PyTorch BatchNorm state dict of NumPy arrays.
 
-    ``gamma``/``beta`` may be None (PyTorch's ``affine=False``: no weight or bias).
+    PyTorch's ``load_state_dict`` takes tensors, not NumPy arrays; convert with
+    ``torch.from_numpy``, which shares the memory of these writable copies::
+
+        bn.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+
+    (for one layer of a larger model, give its ``prefix`` and pass ``strict=False``).
+
+    Args:
+      gamma, beta: ``(C,)`` or None (PyTorch's ``affine=False``: no weight or bias).
+      state: the running statistics, feature shape ``(C,)``.
+      prefix: prepended to each key, e.g. ``"layer1.bn1."``.
+
+    Returns:
+      ``{prefix + k: array}`` with PyTorch's keys and dtypes: float32 ``weight``,
+      ``bias``, ``running_mean``, ``running_var`` and an int64 scalar
+      ``num_batches_tracked``, each a new writable array independent of ``state``.
+
+    Example:
+      >>> import jaxbn
+      >>> sd = jaxbn.to_torch(None, None, jaxbn.init_state(2))
+      >>> sorted(sd), sd["running_var"]
+      (['num_batches_tracked', 'running_mean', 'running_var'], array([1., 1.], dtype=float32))
     """
     _checks.check_state(state, state.mean.shape)
+    # np.array copies: np.asarray of a jax array is a read-only view, on which
+    # torch.from_numpy warns (and a write through the tensor would be undefined).
     out = {
-        "running_mean": np.asarray(state.mean, np.float32),
-        "running_var": np.asarray(state.var, np.float32),
-        "num_batches_tracked": np.asarray(state.count, np.int64),
+        "running_mean": np.array(state.mean, np.float32),
+        "running_var": np.array(state.var, np.float32),
+        "num_batches_tracked": np.array(state.count, np.int64),
     }
     if gamma is not None:
-        out["weight"] = np.asarray(gamma, np.float32)
+        out["weight"] = np.array(gamma, np.float32)
     if beta is not None:
-        out["bias"] = np.asarray(beta, np.float32)
+        out["bias"] = np.array(beta, np.float32)
     return {prefix + k: v for k, v in out.items()}
 
 

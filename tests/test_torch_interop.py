@@ -104,3 +104,21 @@ def test_missing_running_stats_is_a_clear_error():
         match=r"state_dict has no 'bn.running_var'; expected a BatchNorm state dict with track_running_stats=True",
     ):
         jaxbn.from_torch({"bn.running_mean": np.zeros(3)}, prefix="bn.")
+
+
+def test_to_torch_arrays_are_writable_copies_for_torch_from_numpy():
+    # torch.from_numpy warns on read-only arrays (a view of a jax buffer is one), and
+    # load_state_dict then writes into the tensors it copies from: each array must own
+    # its data, writable and independent of the jax state.
+    g = GOLDEN
+    gamma, beta, state = jnp.asarray(g["weight"]), jnp.asarray(g["bias"]), jaxbn.init_state(6)
+    for sd in (
+        jaxbn.to_torch(gamma, beta, state),
+        jaxbn.flax_variables_to_torch(
+            {"params": {"scale": gamma}, "batch_stats": {"mean": state.mean, "var": state.var}}
+        ),
+    ):
+        for k, v in sd.items():
+            assert type(v) is np.ndarray and v.flags.writeable and v.flags.owndata, k
+        sd["running_mean"][0] = 7.0
+    assert float(state.mean[0]) == 0.0
