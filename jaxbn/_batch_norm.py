@@ -70,13 +70,19 @@ def _vary_like_x(v, x):
 
 def _update(state: BatchNormState, mean, var, seen, momentum) -> BatchNormState:
     """running = momentum * running + (1 - momentum) * batch, in the state's dtype."""
-    dt = state.mean.dtype
+    dt = state.var.dtype
+    # complex input: the running mean becomes complex, as Flax's does (var stays real)
+    mean_dt = (
+        jnp.promote_types(state.mean.dtype, dt)
+        if not jnp.iscomplexobj(mean)
+        else (jnp.promote_types(state.mean.dtype, jnp.result_type(mean.dtype, dt)))
+    )
     if momentum is None:  # cumulative average, PyTorch's momentum=None
         w = 1 / (state.count.astype(dt) + 1)
         keep = 1 - w
     else:
         keep, w = jnp.asarray(momentum, dt), jnp.asarray(1 - momentum, dt)
-    new_mean = keep * state.mean + w * mean.astype(dt)
+    new_mean = keep * state.mean.astype(mean_dt) + w * mean.astype(mean_dt)
     new_var = keep * state.var + w * var.astype(dt)
     step = jnp.ones((), state.count.dtype)
     if seen is not None:  # masked: a feature that saw no value keeps its statistics,
@@ -88,7 +94,7 @@ def _update(state: BatchNormState, mean, var, seen, momentum) -> BatchNormState:
 
 def _normalize_train(cfg, x, gamma, beta, mask, renorm, custom_vjp, fallback):
     """Training-mode output and batch statistics ``(y, mean, var, count)``."""
-    if not custom_vjp:
+    if not custom_vjp or jnp.iscomplexobj(x):  # complex x: autodiff of the same forward
         return _fwd(cfg, x, gamma, beta, mask, renorm, fallback)[0]
     gamma, beta = _vary_like_x(gamma, x), _vary_like_x(beta, x)
     try:
@@ -219,6 +225,8 @@ def batch_norm(
     _checks.check_batch_size(x.shape, reduced, axis_name, cfg.groups)
     if size:
         _checks.check_batch_size((size,) + x.shape[1:], reduced, None, None, "virtual_batch_size")
+    if limits is not None and jnp.iscomplexobj(x):
+        raise TypeError(f"renorm needs real x (r and d are clipped), got dtype {x.dtype}.")
     rn = None if limits is None else Renorm(state.mean, state.var, *limits)
     fallback = None if mask is None else (state.mean, state.var)
     try:

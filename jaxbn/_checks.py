@@ -58,10 +58,10 @@ def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
 
 def check_x(x) -> jax.Array:
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
-            f"x must be a floating-point array, got dtype {x.dtype}; cast it first, "
-            f"e.g. x.astype(jnp.float32)."
+            f"x must be a floating-point or complex array, got dtype {x.dtype}; cast it "
+            f"first, e.g. x.astype(jnp.float32)."
         )
     return x
 
@@ -112,11 +112,14 @@ def check_state(state, feature_shape: tuple[int, ...]):
                 f"{feature_shape} along axis; create the state with "
                 f"jaxbn.init_state({feature_shape if len(feature_shape) != 1 else feature_shape[0]})."
             )
-    check_state_dtype("state.mean dtype", state.mean.dtype)
-    if state.var.dtype != state.mean.dtype:
+    mean_dt = state.mean.dtype
+    if jnp.issubdtype(mean_dt, jnp.complexfloating):  # the running mean of complex input
+        mean_dt = jnp.finfo(mean_dt).dtype
+    check_state_dtype("state.mean dtype", mean_dt)
+    if state.var.dtype != mean_dt:
         raise TypeError(
             f"state.var has dtype {state.var.dtype} but state.mean has dtype "
-            f"{state.mean.dtype}; expected one dtype for both."
+            f"{state.mean.dtype}; expected one precision for both (var is real)."
         )
     if jnp.shape(state.count) != () or not jnp.issubdtype(
         jnp.result_type(state.count), jnp.integer

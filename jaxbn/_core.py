@@ -146,11 +146,10 @@ def _fwd(cfg: _Config, x, gamma, beta, mask, renorm=None, fallback=None):
     if mask is not None:  # a feature that no value counts for: see the module docstring
         fb_mean, fb_var = (0.0, 1.0) if fallback is None else fallback
         seen = mo.count > 0
-        dt = mo.shift.dtype
         mo = _stats.Moments(
-            jnp.where(seen, mo.shift, jnp.asarray(fb_mean, dt)),
+            jnp.where(seen, mo.shift, jnp.asarray(fb_mean, mo.shift.dtype)),
             jnp.where(seen, mo.delta, 0),
-            jnp.where(seen, mo.var, jnp.asarray(fb_var, dt)),
+            jnp.where(seen, mo.var, jnp.asarray(fb_var, mo.var.dtype)),
             mo.count,
         )
     rstd = lax.rsqrt(mo.var + cfg.eps)

@@ -53,12 +53,12 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
     red = reduced_axes(x.ndim, feature_axes)
     fshape = tuple(x.shape[a] for a in feature_axes)
     n = _stats.count_of(x, m, feature_axes, axis_name, axis_index_groups)
-    n1 = jnp.maximum(n, 1).astype(dt)
+    n1 = jnp.maximum(n, 1).astype(_stats.real_dtype(dt))
     (x1, m1), (x2, m2) = copies((x, m), 2)
     x1, x2 = _masked(x1.astype(dt), m1), _masked(x2.astype(dt), m2)
-    s1, s2 = psum((jnp.sum(x1, red), jnp.sum(x2 * x2, red)), axis_name, axis_index_groups)
+    s1, s2 = psum((jnp.sum(x1, red), jnp.sum(_stats.abs2(x2), red)), axis_name, axis_index_groups)
     mean, msq = jnp.reshape(s1, fshape) / n1, jnp.reshape(s2, fshape) / n1
-    var = msq - mean * mean
+    var = msq - _stats.abs2(mean)
     fast = jnp.all(jnp.isfinite(var) & (msq <= FAST_LIMIT * var))
     if axis_name is not None:  # the shifted branch has collectives: all devices agree
         fast = lax.psum(jnp.where(fast, 0, 1), axis_name) == 0

@@ -78,8 +78,25 @@ class Moments(NamedTuple):
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-    """Statistics and arithmetic happen in at least float32."""
+    """Statistics and arithmetic happen in at least float32 (complex64 for complex x)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype) -> jnp.dtype:
+    """The variance's dtype: real, of the compute dtype's precision."""
+    dt = compute_dtype(dtype)
+    return jnp.finfo(dt).dtype if jnp.issubdtype(dt, jnp.complexfloating) else dt
+
+
+def abs2(v):
+    """``|v|**2``, real: ``v * v`` for real ``v``."""
+    return v.real * v.real + v.imag * v.imag if jnp.iscomplexobj(v) else v * v
+
+
+def _median3(a, b, c):
+    if jnp.iscomplexobj(a):  # componentwise: one outlier among the three is never chosen
+        return lax.complex(_median3(a.real, b.real, c.real), _median3(a.imag, b.imag, c.imag))
+    return jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
 
 
 def expand(v, ndim: int, feature_axes: tuple[int, ...]):
@@ -120,7 +137,7 @@ def shift_of(x, m, feature_axes, axis_name, axis_index_groups):
     """
     vals, has = _candidates(x, m, feature_axes)
     a, b, c = (jnp.where(has, v, 0) for v in vals)  # an uncounted value may be inf
-    s = jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
+    s = _median3(a, b, c)
     if axis_name is not None:
         me = lax.axis_index(axis_name)
         big = np.iinfo(np.int32).max
@@ -199,15 +216,15 @@ def stat_operands(x, m, s, feature_axes):
     ``(S1 / N)**2`` as ``S1**2 / N**2`` where ``N`` is a constant).
     """
     dt = compute_dtype(x.dtype)
-    inv = 1 / jnp.maximum(jnp.asarray(_size(x, feature_axes), dt), 1)
+    inv = 1 / jnp.maximum(jnp.asarray(_size(x, feature_axes), real_dtype(dt)), 1)
     se = expand(s, x.ndim, feature_axes)
     xf = x.astype(dt)
-    c = jnp.asarray(2.0**-_SCALE_EXP, dt)
+    c = jnp.asarray(2.0**-_SCALE_EXP, real_dtype(dt))
     v = xf - se
     vb = xf * c - se * c
     if m is not None:
         v, vb = jnp.where(m, v, 0), jnp.where(m, vb, 0)
-    return v * inv, v * v * inv, vb * inv, vb * vb * inv
+    return v * inv, abs2(v) * inv, vb * inv, abs2(vb) * inv
 
 
 def _size(x, feature_axes):
@@ -220,7 +237,7 @@ def combine(sums, s, n, size) -> Moments:
     ``n`` is the count (all devices), ``size`` the static ``N`` of one device.
     """
     s1, s2, s1b, s2b = sums
-    dt = s.dtype
+    dt = s2.dtype  # real
     r = jnp.maximum(jnp.asarray(size, dt), 1) / jnp.maximum(n, 1).astype(
         dt
     )  # 1 unmasked on one device
@@ -230,16 +247,24 @@ def combine(sums, s, n, size) -> Moments:
     msq = jnp.where(normal, s2, s2b) * r
     # var_c / c**2 as two products: c**2 is subnormal (0 where denormals are flushed)
     k = jnp.where(normal, 1, jnp.asarray(2.0**_SCALE_EXP, dt))
-    var = jnp.maximum(msq - d * d, 0) * k * k
-    # TwoSum in the scaled space: the rounded mean and its exact rounding error.
+    var = jnp.maximum(msq - abs2(d), 0) * k * k
     sc = s * c
-    hi = sc + d
-    back = hi - sc
-    lo = (sc - (hi - back)) + (d - back)
-    ok = jnp.isfinite(hi)
-    shift = jnp.where(ok, hi, sc) / c
+    if jnp.iscomplexobj(s):
+        (hr, lr), (hi, li) = _two_sum(sc.real, d.real), _two_sum(sc.imag, d.imag)
+        hi_, lo = lax.complex(hr, hi), lax.complex(lr, li)
+    else:
+        hi_, lo = _two_sum(sc, d)
+    ok = jnp.isfinite(hi_)
+    shift = jnp.where(ok, hi_, sc) / c
     delta = jnp.where(ok, lo, d) / c
     return Moments(shift, delta, var, n)
+
+
+def _two_sum(a, b):
+    """TwoSum: the rounded ``a + b`` and its exact rounding error."""
+    hi = a + b
+    back = hi - a
+    return hi, (a - (hi - back)) + (b - back)
 
 
 def count_of(x, m, feature_axes, axis_name, axis_index_groups):
@@ -291,11 +316,11 @@ def moments_tangent(x, m, feature_axes, axis_name, axis_index_groups, mo: Moment
     e = lambda v: expand(v, x.ndim, feature_axes)  # noqa: E731
     xc = (x.astype(dt) - e(mo.shift)) - e(mo.delta)
     dxf = dx.astype(dt)
-    t1, t2 = dxf, xc * dxf
+    t1, t2 = dxf, (jnp.conj(xc) * dxf).real if jnp.iscomplexobj(xc) else xc * dxf
     if m is not None:
         t1, t2 = jnp.where(m, t1, 0), jnp.where(m, t2, 0)
     t1, t2 = psum((jnp.sum(t1, red), jnp.sum(t2, red)), axis_name, axis_index_groups)
-    n1 = jnp.maximum(mo.count, 1).astype(dt)
+    n1 = jnp.maximum(mo.count, 1).astype(mo.var.dtype)
     fshape = mo.shift.shape
     dmean, dvar = jnp.reshape(t1, fshape) / n1, 2 * jnp.reshape(t2, fshape) / n1
     zero = jnp.zeros_like(dmean)

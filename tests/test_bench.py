@@ -121,17 +121,25 @@ def test_median_of_runs_takes_each_cells_median_and_resummarizes():
     )
 
 
-def test_gpu_script_runs_on_cpu_when_asked(tmp_path, capsys):
-    pytest.importorskip("torch")
+def _gpu_script():
     path = Path(__file__).parents[1] / "benchmarks" / "gpu_bench.py"
     spec = importlib.util.spec_from_file_location("gpu_bench", path)
     gpu_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_bench)  # importing runs nothing
-    out = tmp_path / "gpu.json"
+    return gpu_bench
+
+
+def test_gpu_script_runs_on_cpu_when_asked(tmp_path, capsys):
+    # the one prepared command a GPU session runs: checked here, torch or not
+    has_torch = importlib.util.find_spec("torch") is not None
+    out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
     argv = ["--allow-cpu", "--shape", "4x8x3x3:1", "--reps", "2", "--warmup", "1"]
-    assert gpu_bench.main(argv + ["--json", str(out)]) == 0
+    assert _gpu_script().main(argv + ["--json", str(out), "--markdown", str(md)]) == 0
     assert "jaxbn/torch" in capsys.readouterr().out
-    row = json.loads(out.read_text())["rows"][0]
-    assert set(row["torch"]) == {
-        f"{f}/{m}" for f in ("NCHW", "channels_last") for m in _bench.MODES
-    }
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    expected = {f"{f}/{m}" for f in ("NCHW", "channels_last") for m in _bench.MODES}
+    assert set(row["torch"]) == (expected if has_torch else set())
+    assert {"min_copy_fraction", "max_vs_torch", "max_vs_flax", "met"} <= set(result["gpu_targets"])
+    table = md.read_text().splitlines()
+    assert table[0].startswith("| shape, feature axis | dtype | fwd |") and len(table) == 3

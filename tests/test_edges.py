@@ -147,3 +147,32 @@ def test_ghost_batches_constrain_training_only():
     np.testing.assert_array_equal(y, ref)
     with pytest.raises(ValueError, match="virtual_batch_size 2 does not divide the batch size 5"):
         jaxbn.batch_norm(x, None, None, ST3, training=True, virtual_batch_size=2)
+
+
+def complex_ref(x, w):
+    """Plain-jnp complex batch norm (Flax's formula, var = mean(|x - mean|**2))."""
+    mean = jnp.mean(x, 0, keepdims=True)
+    var = jnp.mean(jnp.abs(x - mean) ** 2, 0, keepdims=True)
+    return jnp.sum(((x - mean) / jnp.sqrt(var + 1e-5) * w).real), (mean[0], var[0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.complex128])
+def test_complex_input_matches_a_plain_reference_and_its_gradient(dtype, program):
+    rs = np.random.RandomState(5)
+    with jax.enable_x64(dtype == jnp.complex128):
+        x = jnp.asarray(rs.randn(32, 3) + 1j * rs.randn(32, 3) + (1e3 - 2e3j), dtype)
+        w = jnp.asarray(rs.randn(32, 3) + 1j * rs.randn(32, 3), dtype)
+        st = jaxbn.init_state(3, jnp.float64 if dtype == jnp.complex128 else jnp.float32)
+
+        def loss(x):
+            y, new = jaxbn.batch_norm(x, None, None, st, training=True, momentum=0.0)
+            return jnp.sum((y * w).real), (new.mean, new.var)
+
+        (value, (mean, var)), g = jax.value_and_grad(loss, has_aux=True)(x)
+        (value_r, (mean_r, var_r)), g_r = jax.value_and_grad(complex_ref, has_aux=True)(x, w)
+        tol = 1e-4 if dtype == jnp.complex64 else 1e-10
+        assert mean.dtype == dtype and var.dtype == jnp.finfo(dtype).dtype
+        np.testing.assert_allclose(mean, mean_r, rtol=tol)
+        np.testing.assert_allclose(var, var_r, rtol=tol)
+        np.testing.assert_allclose(value, value_r, rtol=tol, atol=tol)
+        np.testing.assert_allclose(g, g_r, rtol=tol, atol=tol)
