@@ -43,6 +43,9 @@ Across devices (``axis_name``), ``n``, ``S1`` and ``S2`` are psum'd, since every
 device's outputs depend on the shared statistics; ``dgamma`` and ``dbeta`` stay this
 device's share, as autodiff of ``gamma * xhat + beta`` would give.
 
+Complex ``x`` is normalized as Flax does (``var = sum(m * |xc|**2) / n``, real); its
+backward is JAX's autodiff of the same forward, not this rule.
+
 The statistics and the backward's ``x``-sized work have an XLA:CPU form too
 (``jaxbn._cpu``), chosen when the program is lowered (``jaxbn._platform``); both are
 wrapped in a ``custom_jvp`` with a plain-jnp tangent, so they are differentiable

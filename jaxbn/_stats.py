@@ -22,10 +22,13 @@ Since ``S2 / n = var + d**2``::
               <= 4 g (var + d**2),   so   |err var| / var <= 4 g (1 + (mean - s)**2 / var)
 
 The bound does not depend on ``|mean|``, only on how far the shift lies from the mean
-in standard deviations: a value of the batch is a few of them away (at ``|mean| =
-1e6 std`` float32 gives 2e-7 measured, ``tests/test_numerics.py``). It grows as
-``(mean - s)**2 / var <= n - 1`` (Samuelson's inequality) for a shift that is an
-extreme outlier. Flax's formula (``s = 0``) has ``(mean / std)**2`` there instead.
+in standard deviations: a value of the batch is a few of them away, and ``s`` is the
+median of three (see :func:`shift_of`), so one outlier among them is never the shift.
+It grows as ``(mean - s)**2 / var <= n - 1`` (Samuelson's inequality) only for a shift
+that is itself an extreme outlier. Flax's formula (``s = 0``) has ``(mean / std)**2``
+there instead. Measured in float32 (4096 rows, offsets up to 1e6 std, a 3000-std
+first row): within 3.4e-5 relative when XLA:CPU runs this program (its variadic
+reduce is one sequential loop, ``g ~ sqrt(n) u``), 3.4e-7 for ``jaxbn._cpu``'s.
 ``mean`` is off by ``g sqrt(var + d**2)``, i.e. ``g`` standard deviations times the
 same factor, and ``x - mean`` is taken as ``(x - shift) - delta``: rounding the mean
 to one float alone would be off by 0.03 std at a 1e6 offset. A constant feature
