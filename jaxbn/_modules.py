@@ -86,6 +86,6 @@ def one_value_batch_norm(x, scale, bias, state, *, mask, options: dict):
         return y2[0].reshape(x.shape), new_state
     _, new_state = batch_norm(twice, None, None, state, training=True, **twice_options)
     dt = jnp.promote_types(state.mean.dtype, x.dtype)
-    own = BatchNormState(xf.astype(dt), jnp.zeros(fshape, dt), state.count)
+    own = BatchNormState(xf.astype(dt), jnp.zeros(fshape, jnp.finfo(dt).dtype), state.count)
     y, _ = batch_norm(x, scale, bias, own, training=False, axis=options["axis"], eps=options["eps"])
     return y, new_state

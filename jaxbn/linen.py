@@ -47,9 +47,15 @@ def _merge_use_running_average(constructor, call) -> bool:
 
 def _core_state(mean, var, count=None) -> BatchNormState:
     """The core's state from stored statistics; Flax stores no count (only momentum=None needs one)."""
-    dt = jnp.promote_types(mean.dtype, jnp.float32)
+    var_dt = jnp.promote_types(var.dtype, jnp.float32)
+    mean_dt = jnp.promote_types(mean.dtype, var_dt)  # complex after training on complex x
     count = jnp.zeros((), jnp.int32) if count is None else count
-    return BatchNormState(mean.astype(dt), var.astype(dt), count)
+    return BatchNormState(mean.astype(mean_dt), var.astype(var_dt), count)
+
+
+def _stored_dtype(stats_dtype, value):
+    """The stored statistics keep their dtype, but for a complex running mean, as in Flax."""
+    return jnp.promote_types(stats_dtype, value.dtype) if jnp.iscomplexobj(value) else stats_dtype
 
 
 class BatchNorm(nn.Module):
@@ -213,7 +219,7 @@ class BatchNorm(nn.Module):
             x, scale, bias, state, training=training, mask=mask, options=options
         )
         if training and not initializing:  # immutable batch_stats: Flax's error, raised here
-            ra_mean.value = new.mean.astype(stats_dtype)
+            ra_mean.value = new.mean.astype(_stored_dtype(stats_dtype, new.mean))
             ra_var.value = new.var.astype(stats_dtype)
             if count is not None:
                 count.value = new.count
