@@ -1,0 +1,314 @@
+r"""Batch norm fused with its activation and a residual add: ``z = act(y + r)``.
+
+Forward: ``y`` is exactly :func:`jaxbn.batch_norm`'s (``jaxbn._core``: ``xc``,
+``rstd``, ``a = gamma * rstd``), ``p = y + r`` (``r = 0`` without a residual) and
+``z = act(p)`` for ``act`` in ``relu``, ``leaky_relu`` (slope ``s > 0``), ``identity``.
+
+Backward. With ``g = dz * act'(p)`` (``act' = 1[p > 0]``, ``1[p >= 0] + s 1[p < 0]``
+or 1, as ``jax.nn`` differentiates them), the rule of ``jaxbn._core`` applies with
+``dy = g``, and ``dr = g``. ``g`` is never written out: each x-sized pass (one reduce
+for ``S1 = sum(g)`` and ``S2 = sum(g * xc)``, then ``dx``) recomputes it from what was
+kept. Two ways to keep it:
+
+Keep ``x`` (``relu``, and every activation with a residual). ``xc`` comes from ``x``;
+``act'(p)`` from ``x`` and the per-feature vectors for ``relu`` alone (``p = y``,
+recomputed bit for bit as the forward computed it), else from a boolean ``p > 0``
+(``p >= 0``: leaky) kept from the forward: a residual makes ``p`` depend on ``r``, and
+one byte per value is cheaper than keeping ``r`` or ``z`` (``identity`` needs none).
+
+Keep ``z`` (InPlace-ABN, Rota Bulo et al., CVPR 2018: ``identity`` and ``leaky_relu``
+without a residual). ``x`` is freed after the forward: ``act`` is invertible, so
+``y = z`` where ``z >= 0``, ``z / s`` elsewhere, and ``act'(p)`` is read from the sign of
+``z``. With ``u = y - beta = gamma * rstd * xc`` and ``ig = 1 / gamma``::
+
+    T  = sum(g * u)                   # one reduce with S1 = sum(g), over z and dz
+    S2 = sum(g * xc) = T * ig / rstd
+    dx = a * g + m * (k0 + k1 * xc) = a * g + m * (k0 + (k1 * ig / rstd) * u)
+    dgamma = rstd * S2 = T * ig,   dbeta = S1
+
+with ``k0``, ``k1`` of ``jaxbn._core`` (``k1`` needs the psum'd ``S2``). ``gamma`` near 0:
+InPlace-ABN makes the layer's scale ``|gamma| + eps`` in the forward, which changes the
+function; here the forward stays ``batch_norm``'s and the backward is exact in exact
+arithmetic for any ``gamma != 0``. In floats ``u`` carries the rounding of ``y`` and of
+``y - beta``, about ``ulp(|y| + |beta|)``, so ``xc`` is off by that over ``|gamma| rstd``:
+small features' gradients lose ``log2((|y| + |beta|) / |gamma xhat|)`` bits. Where
+``|gamma| <= sqrt(tiny)`` (1e-19 in float32) ``ig = 0``: ``z`` is then ``act(beta)``
+and holds no ``xhat``, so ``dgamma = 0`` and ``dx`` lacks the ``dvar`` term (``dx``,
+``dbeta`` otherwise exact, no NaN). A zero-initialized ``gamma`` (ResNet's last
+block norm) comes with a residual, which keeps ``x``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn import _checks, _cpu
+from jaxbn._batch_norm import _config, _eval, _update, _vary_like_x
+from jaxbn._core import _affine, _Config, _fwd
+from jaxbn._platform import per_platform
+from jaxbn._stats import compute_dtype, expand, psum, reduced_axes, variadic_sum
+
+ACTIVATIONS = ("relu", "leaky_relu", "identity")
+
+
+class _Spec(NamedTuple):
+    cfg: _Config
+    activation: str
+    slope: float
+    keep: str  # "x" or "z": the x-sized residual of the backward.
+    residual: bool  # whether r was given (and gets a gradient).
+
+
+class _Vec(NamedTuple):
+    """Per-feature vectors (feature shape) the backward's passes read."""
+
+    shift: Any
+    delta: Any
+    rstd: Any
+    gamma: Any  # or None
+    beta: Any  # or None
+
+
+def _act(spec: _Spec, p):
+    if spec.activation == "relu":
+        return jax.nn.relu(p)
+    if spec.activation == "leaky_relu":
+        return jax.nn.leaky_relu(p, spec.slope)
+    return p
+
+
+def _sign(spec: _Spec, p):
+    return p > 0 if spec.activation == "relu" else p >= 0
+
+
+def _g_u(spec: _Spec, dz, big, pos, v: _Vec):
+    """``g = dz * act'(p)`` and the centred operand ``u`` (see the module docstring)."""
+    axes = spec.cfg.axes
+    dt = compute_dtype(big.dtype)
+    e = functools.partial(expand, ndim=big.ndim, feature_axes=axes)
+    bf = big.astype(dt)
+    if spec.keep == "z":
+        pos = bf >= 0
+        y = bf if spec.activation == "identity" else jnp.where(pos, bf, bf / spec.slope)
+        u = y if v.beta is None else y - e(v.beta.astype(dt))
+    else:
+        if pos is None and spec.activation == "relu":
+            pos = _affine(big, v.shift, v.delta, v.rstd, v.gamma, v.beta, axes) > 0
+        u = bf - e(v.shift)
+    g = dz.astype(dt)
+    if spec.activation != "identity":
+        g = jnp.where(pos, g, 0 if spec.activation == "relu" else spec.slope * g)
+    return g, u
+
+
+def _sums(spec: _Spec, dz, big, pos, v: _Vec, *, cpu, fused=True):
+    """This device's ``(sum(g), sum(g * u))``, feature shape."""
+    red = reduced_axes(big.ndim, spec.cfg.axes)
+    if cpu:  # XLA:CPU: each sum its own fusion and inputs (jaxbn._cpu)
+        (g1, _), (g2, u2) = (_g_u(spec, *c) for c in _cpu.copies((dz, big, pos, v), 2))
+        s1, s2 = jnp.sum(g1, red), jnp.sum(g2 * u2, red)
+    else:
+        g, u = _g_u(spec, dz, big, pos, v)
+        ops = (g, g * u)
+        s1, s2 = variadic_sum(ops, red) if fused else (jnp.sum(o, red) for o in ops)
+    return jnp.reshape(s1, v.rstd.shape), jnp.reshape(s2, v.rstd.shape)
+
+
+def _dx(spec: _Spec, dz, big, pos, v: _Vec, a, k0, k1, mask, *, cpu, fused=True):
+    """``dx = a * g + m * (k0 + k1 * u)`` and ``dr = g``, in one pass."""
+    if cpu:
+        dz, big, pos, v = _cpu.copies((dz, big, pos, v), 1)[0]
+    e = functools.partial(expand, ndim=big.ndim, feature_axes=spec.cfg.axes)
+    g, u = _g_u(spec, dz, big, pos, v)
+    stat = e(k0) + u * e(k1)
+    if mask is not None:
+        stat = jnp.where(mask, stat, 0)
+    return (e(a) * g + stat).astype(dz.dtype), g.astype(dz.dtype)
+
+
+def _differentiable(fn):
+    """``fn`` per platform, with the clean, unfused form's jvp as its tangent."""
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def wrapped(spec, *args):
+        forms = (functools.partial(fn, spec, cpu=c) for c in (True, False))
+        return per_platform(*forms, *args)
+
+    @wrapped.defjvp
+    def wrapped_jvp(spec, primals, tangents):  # autodiff cannot transpose a variadic reduce
+        reference = functools.partial(fn, spec, cpu=False, fused=False)
+        return wrapped(spec, *primals), jax.jvp(reference, primals, tangents)[1]
+
+    return wrapped
+
+
+_sums_pp, _dx_pp = _differentiable(_sums), _differentiable(_dx)
+
+
+def _forward(spec: _Spec, x, gamma, beta, residual, mask, fallback):
+    (y, mean, var, n), res = _fwd(spec.cfg, x, gamma, beta, mask, None, fallback)
+    p = y if residual is None else y + residual
+    z = _act(spec, p)
+    if spec.keep == "z":  # shift and delta are not needed: u comes from z
+        v, big, pos = _Vec(None, None, res.rstd, gamma, beta), z, None
+    else:
+        v, big = _Vec(res.shift, res.delta, res.rstd, gamma, beta), x
+        recompute = residual is None or spec.activation == "identity"
+        pos = None if recompute else _sign(spec, p)
+    return (z, mean, var, n), (big, pos, v, mask, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _train(spec, x, gamma, beta, residual, mask, fallback):
+    return _forward(spec, x, gamma, beta, residual, mask, fallback)[0]
+
+
+def _train_fwd(spec, x, gamma, beta, residual, mask, fallback):
+    out, saved = _forward(spec, x, gamma, beta, residual, mask, fallback)
+    return out, (saved, fallback)
+
+
+def _train_bwd(spec: _Spec, saved, cotangents):
+    (big, pos, v, mask, n), fallback = saved
+    dz, dmean, dvar = cotangents[:3]
+    rstd, gamma, cfg = v.rstd, v.gamma, spec.cfg
+    dt = rstd.dtype
+    a = rstd if gamma is None else rstd * gamma.astype(dt)
+    s1, s2 = _sums_pp(spec, dz, big, pos, v)
+    if spec.keep == "z":
+        ig: Any = 1.0
+        if gamma is not None:
+            g = gamma.astype(dt)
+            small = jnp.abs(g) <= np.sqrt(np.finfo(dt).tiny)
+            ig = jnp.where(small, 0, 1 / jnp.where(small, 1, g))
+        s2 = s2 * ig / rstd  # T -> sum(g * xc)
+    else:
+        s2 = s2 - v.delta * s1  # sum(g * (x - shift)) -> sum(g * xc)
+    S1, S2 = psum((s1, s2), cfg.axis_name, cfg.groups)
+    n1 = jnp.maximum(n, 1).astype(dt)
+    k0 = (dmean.astype(dt) - a * S1) / n1
+    k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
+    if spec.keep == "z":
+        k1 = k1 * ig / rstd
+    else:
+        k0 = k0 - k1 * v.delta
+    dx, dr = _dx_pp(spec, dz, big, pos, v, a, k0, k1, mask)
+    dgamma = None if gamma is None else (rstd * s2).astype(gamma.dtype)
+    dbeta = None if cfg.beta_dtype is None else s1.astype(cfg.beta_dtype)
+    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+    return dx, dgamma, dbeta, dr if spec.residual else None, None, zeros(fallback)
+
+
+_train.defvjp(_train_fwd, _train_bwd)
+
+
+def _check_activation(activation, negative_slope):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    if activation != "leaky_relu":
+        return 0.0
+    ok = isinstance(negative_slope, (int, float)) and not isinstance(negative_slope, bool)
+    if not (ok and np.isfinite(negative_slope) and negative_slope > 0):  # invertible
+        raise ValueError(f"negative_slope must be a finite number > 0, got {negative_slope!r}.")
+    return float(negative_slope)
+
+
+def _check_residual(residual, x):
+    if residual is None:
+        return None
+    residual = jnp.asarray(residual)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"residual has shape {residual.shape} and dtype {residual.dtype}, but x has "
+            f"{x.shape} and {x.dtype}; expected an array of x's shape and dtype."
+        )
+    return residual
+
+
+def batch_norm_act(
+    x,
+    gamma,
+    beta,
+    state,
+    *,
+    training: bool,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    residual=None,
+    axis=-1,
+    momentum: float | None = 0.9,
+    eps: float = 1e-5,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    custom_vjp: bool = True,
+):
+    """Batch norm, a residual add and an activation as one op: ``z = act(y + residual)``.
+
+    ``y`` is :func:`jaxbn.batch_norm`'s output (training or evaluation); the
+    hand-derived backward never writes ``dL/dy`` and keeps ``x`` alone (``relu``, or any
+    activation with a residual: plus one byte per value of ``sign(y + residual)`` for
+    ``relu``/``leaky_relu``) or the output ``z`` alone (``identity`` and ``leaky_relu``
+    without a residual, as InPlace-ABN). See ``jaxbn._act`` for the derivation.
+
+    Args:
+      x, gamma, beta, state, training, axis, momentum, eps, axis_name,
+        axis_index_groups, mask: as for :func:`jaxbn.batch_norm`.
+      activation: ``"relu"``, ``"leaky_relu"`` or ``"identity"``.
+      negative_slope: leaky_relu's slope for negative inputs, a number > 0.
+      residual: None, or an array of x's shape and dtype added before the activation.
+      custom_vjp: the hand-derived backward (default), or JAX's autodiff of the same
+        forward (False), which pure forward mode (``jax.jvp``) needs.
+
+    Returns:
+      ``(z, new_state)``: ``z`` has x's shape and dtype; ``new_state`` as for
+      :func:`jaxbn.batch_norm`.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbn
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> z, state = jaxbn.batch_norm_act(x, None, None, jaxbn.init_state(2), training=True)
+      >>> z.round(3)
+      Array([[0., 0.],
+             [1., 1.]], dtype=float32)
+    """
+    training = _checks.check_training(training)
+    cfg, x, gamma, beta, mask = _config(
+        x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
+    )
+    _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
+    momentum = _checks.check_momentum(momentum)
+    slope = _check_activation(activation, negative_slope)
+    residual = _check_residual(residual, x)
+    keep = "z" if residual is None and activation != "relu" else "x"
+    spec = _Spec(cfg, activation, slope, keep, residual is not None)
+    if not training:
+        y = _eval(cfg, x, gamma, beta, state)
+        return _act(spec, y if residual is None else y + residual), state
+    reduced = [i for i in range(x.ndim) if i not in cfg.axes]
+    _checks.check_batch_size(x.shape, reduced, axis_name)
+    fallback = None if mask is None else (state.mean, state.var)
+    if not custom_vjp:
+        out = _forward(spec, x, gamma, beta, residual, mask, fallback)[0]
+    else:
+        gamma, beta = _vary_like_x(gamma, x), _vary_like_x(beta, x)
+        try:
+            out = _train(spec, x, gamma, beta, residual, mask, fallback)
+        except TypeError as err:
+            if "forward-mode" not in str(err):
+                raise
+            raise TypeError(_FORWARD_MODE_HINT) from err
+    z, mean, var, count = out
+    return z, _update(state, mean, var, None if mask is None else count > 0, momentum)
+
+
+_FORWARD_MODE_HINT = (
+    "forward-mode differentiation (jax.jvp, jax.jacfwd) of batch_norm_act cannot use "
+    "its hand-derived reverse rule; pass custom_vjp=False to differentiate the same "
+    "forward computation with JAX's autodiff."
+)

@@ -1,0 +1,226 @@
+"""batch_norm_act against jax.vjp of the plain composition act(bn_ref(x) + r)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+from reference import bn_ref, rel_err
+from test_programs import assert_clean, lowered, x_reductions
+
+import jaxbn
+from jaxbn._bench import residual_bytes
+
+SLOPE = 0.1
+ACTS = {
+    "relu": jax.nn.relu,
+    "leaky_relu": lambda p: jax.nn.leaky_relu(p, SLOPE),
+    "identity": lambda p: p,
+}
+LAYOUTS = {  # shape, feature axis, masked
+    "nc": ((16, 6), -1, False),
+    "nchw_masked": ((4, 3, 3, 2), 1, True),
+}
+TOL = {jnp.float64: 1e-10, jnp.float32: 1e-5}
+
+
+def make(layout, dtype, seed=0):
+    shape, axis, masked = LAYOUTS[layout]
+    rs = np.random.RandomState(seed)
+    c = shape[axis]
+    arr = lambda *s, k=1.0, o=0.0: jnp.asarray(rs.randn(*s) * k + o, dtype)  # noqa: E731
+    x, r, dz = arr(*shape, k=3, o=2), arr(*shape), arr(*shape)
+    gamma, beta = jnp.asarray(rs.rand(c) + 0.5, dtype), arr(c)
+    mask = None
+    if masked:  # every feature keeps values
+        m = rs.rand(*shape) > 0.4
+        m[:2] = True
+        mask = jnp.asarray(m)
+    return x, gamma, beta, r, dz, mask, axis
+
+
+def fused(act, axis, mask, state, **kw):
+    def f(x, gamma, beta, r):
+        z, st = jaxbn.batch_norm_act(
+            x, gamma, beta, state, training=True, activation=act, negative_slope=SLOPE,
+            residual=r, axis=axis, mask=mask, **kw,
+        )  # fmt: skip
+        return z, st.mean, st.var
+
+    return f
+
+
+def composed(act, axis, mask, state):
+    def f(x, gamma, beta, r):
+        y, mean, var = bn_ref(x, gamma, beta, axis=axis, mask=mask)
+        z = ACTS[act](y if r is None else y + r)
+        return z, 0.9 * state.mean + 0.1 * mean, 0.9 * state.var + 0.1 * var
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "act, with_residual, layout",  # every activation in both layouts, with and without r
+    [
+        ("relu", False, "nc"),
+        ("relu", True, "nchw_masked"),
+        ("leaky_relu", False, "nchw_masked"),
+        ("leaky_relu", True, "nc"),
+        ("identity", False, "nc"),
+        ("identity", True, "nchw_masked"),
+    ],
+)
+def test_gradients_equal_the_composition(act, with_residual, layout, program):
+    for dtype in (jnp.float64, jnp.float32):
+        with jax.enable_x64(True):
+            _check_gradients(act, with_residual, layout, dtype)
+
+
+def _check_gradients(act, with_residual, layout, dtype):
+    x, gamma, beta, r, dz, mask, axis = make(layout, dtype)
+    r = r if with_residual else None
+    st = jaxbn.init_state(x.shape[axis], dtype)
+    rs = np.random.RandomState(1)
+    cts = (dz, *(jnp.asarray(rs.randn(x.shape[axis]), dtype) for _ in range(2)))
+    vjp = lambda f: jax.jit(lambda *a: jax.vjp(f, *a)[1](cts))  # noqa: E731
+    got = vjp(fused(act, axis, mask, st))(x, gamma, beta, r)
+    want = vjp(composed(act, axis, mask, st))(x, gamma, beta, r)
+    for name, a, b in zip(("x", "gamma", "beta", "r"), got, want):
+        assert (a is None) == (b is None) == (name == "r" and not with_residual)
+        if a is not None:
+            assert a.dtype == b.dtype
+            assert rel_err(a, b) < TOL[dtype], (layout, dtype, name)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("act", list(ACTS))
+def test_second_order_reverse(act, with_residual, program):
+    with jax.enable_x64(True):
+        x, gamma, beta, r, _, _, axis = make("nc", jnp.float64, seed=3)
+        st = jaxbn.init_state(x.shape[axis], jnp.float64)
+        w = jnp.asarray(np.random.RandomState(4).randn(*x.shape))
+        f = fused(act, axis, None, st)
+        loss = jax.jit(lambda x, g, b, r: jnp.sum(f(x, g, b, r)[0] * w))
+        args = (x, gamma, beta, r if with_residual else None)
+        check_grads(loss, args, order=2, modes=["rev"])
+
+
+def test_gamma_near_zero_keeping_z(program):
+    with jax.enable_x64(True):
+        x, gamma, beta, _, dz, _, axis = make("nc", jnp.float64)
+        gamma = gamma.at[0].set(0.0).at[1].set(1e-3).at[2].set(-1e-6)
+        st = jaxbn.init_state(6, jnp.float64)
+        got = jax.vjp(fused("leaky_relu", axis, None, st), x, gamma, beta, None)[1]
+        want = jax.vjp(composed("leaky_relu", axis, None, st), x, gamma, beta, None)[1]
+        cts = (dz, jnp.zeros(6), jnp.zeros(6))
+        (dx, dg, db, _), (dx0, dg0, db0, _) = got(cts), want(cts)
+        assert rel_err(dx, dx0) < 1e-10 and rel_err(db, db0) < 1e-10
+        # z holds no xhat where gamma == 0: dgamma is 0 there, exact elsewhere
+        assert dg[0] == 0 and dg0[0] != 0
+        assert rel_err(dg[1:], dg0[1:]) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "act, with_residual, kept, full",
+    [
+        ("relu", False, "x", 1.0),
+        ("relu", True, "x", 1.25),  # x and one byte of sign per value
+        ("identity", True, "x", 1.0),
+        ("leaky_relu", False, "z", 1.0),
+        ("identity", False, "z", 1.0),
+    ],
+)
+def test_residual_bytes(act, with_residual, kept, full):
+    x, gamma, beta, r, _, _, _ = make("nc", jnp.float32)
+    x, r = jnp.tile(x, (8, 1)), jnp.tile(r, (8, 1))  # x-sized leaves stand out
+    f = lambda x, g, b: fused(act, -1, None, jaxbn.init_state(6))(  # noqa: E731
+        x, g, b, r if with_residual else None
+    )
+    measured = residual_bytes(f, x, gamma, beta)
+    assert measured["full"] == full, measured
+    assert measured["all"] < full + 0.1, measured
+    _, vjp = jax.vjp(f, x, gamma, beta)
+    big = [v for v in jax.tree.leaves(vjp) if v.size == x.size and v.dtype == x.dtype]
+    assert len(big) == 1
+    want = x if kept == "x" else f(x, gamma, beta)[0]
+    np.testing.assert_array_equal(big[0], want)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_clean_program_has_one_reduce_per_pass(act):
+    x, gamma, beta, r, dz, mask, _ = make("nc", jnp.float32)
+    for res in (None, r):
+        f = lambda x, g, b, res=res: jnp.sum(  # noqa: E731
+            fused(act, -1, None, jaxbn.init_state(6))(x, g, b, res)[0] * dz
+        )
+        text = lowered(jax.grad(f, (0, 1, 2)), x, gamma, beta)
+        assert_clean(text)
+        assert len(x_reductions(text, x.size)) == 2, x_reductions(text, x.size)
+
+
+def test_across_devices_equals_one_device(program):
+    x, gamma, beta, r, dz, _, _ = make("nc", jnp.float32)
+    x, r, dz = (jnp.tile(v, (2, 1)) for v in (x, r, dz))
+    msh = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Auto,))
+    for act, res in (("relu", r), ("leaky_relu", None)):
+
+        def grads(x, r, dz, gamma, beta, axis_name=None, act=act):
+            def loss(x, gamma, beta, r):
+                z, _ = jaxbn.batch_norm_act(
+                    x, gamma, beta, jaxbn.init_state(6), training=True, activation=act,
+                    residual=r, axis_name=axis_name,
+                )  # fmt: skip
+                return jnp.sum(z * dz)
+
+            return jax.grad(loss, (0, 1, 2, 3))(x, gamma, beta, r)
+
+        spec = P() if res is None else P("batch")
+        f = jax.shard_map(
+            lambda x, r, dz, g, b: grads(x, r, dz, g, b, "batch"),
+            mesh=msh,
+            in_specs=(P("batch"), spec, P("batch"), P(), P()),
+            out_specs=(P("batch"), P(), P(), spec),
+        )
+        put = lambda v: jax.device_put(v, NamedSharding(msh, P("batch")))  # noqa: E731
+        got = jax.jit(f)(put(x), None if res is None else put(r), put(dz), gamma, beta)
+        for a, b in zip(got, grads(x, res, dz, gamma, beta)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert rel_err(a, b) < 1e-5
+
+
+def test_eval_forward_mode_and_dtype():
+    x, gamma, beta, r, _, _, _ = make("nc", jnp.float32)
+    st = jaxbn.init_state(6)._replace(mean=jnp.full(6, 0.5), var=jnp.full(6, 2.0))
+    z, st2 = jaxbn.batch_norm_act(x, gamma, beta, st, training=False, residual=r)
+    y, _ = jaxbn.batch_norm(x, gamma, beta, st, training=False)
+    np.testing.assert_array_equal(z, jax.nn.relu(y + r))
+    assert st2 is st
+    f = lambda x, custom: jaxbn.batch_norm_act(  # noqa: E731
+        x, gamma, beta, st, training=True, activation="leaky_relu", custom_vjp=custom
+    )[0]
+    ref = lambda x: jax.nn.leaky_relu(bn_ref(x, gamma, beta)[0], 0.01)  # noqa: E731
+    t = jnp.asarray(np.random.RandomState(5).randn(*x.shape), jnp.float32)
+    assert (
+        rel_err(jax.jvp(lambda x: f(x, False), (x,), (t,))[1], jax.jvp(ref, (x,), (t,))[1]) < 1e-5
+    )
+    with pytest.raises(TypeError, match="pass custom_vjp=False"):
+        jax.jvp(lambda x: f(x, True), (x,), (t,))
+    zb, stb = jaxbn.batch_norm_act(x.astype(jnp.bfloat16), gamma, beta, st, training=True)
+    assert zb.dtype == jnp.bfloat16 and stb.mean.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"activation": "gelu"}, "activation must be one of"),
+        ({"activation": "leaky_relu", "negative_slope": 0.0}, "must be a finite number > 0"),
+        ({"residual": jnp.zeros((16, 5))}, "residual has shape"),
+    ],
+)
+def test_errors(kw, match):
+    x, gamma, beta, _, _, _, _ = make("nc", jnp.float32)
+    with pytest.raises((TypeError, ValueError), match=match):
+        jaxbn.batch_norm_act(x, gamma, beta, jaxbn.init_state(6), training=True, **kw)
