@@ -10,14 +10,14 @@ or 1, as ``jax.nn`` differentiates them), the rule of ``jaxbn._core`` applies wi
 for ``S1 = sum(g)`` and ``S2 = sum(g * xc)``, then ``dx``) recomputes it from what was
 kept. Two ways to keep it:
 
-Keep ``x`` (``relu``, and every activation with a residual). ``xc`` comes from ``x``;
-``act'(p)`` from ``x`` and the per-feature vectors for ``relu`` alone (``p = y``,
-recomputed bit for bit as the forward computed it), else from a boolean ``p > 0``
+Keep ``x`` (the default). ``xc`` comes from ``x``; without a residual ``act'(p)`` comes
+from ``x`` and the per-feature vectors (``p = y``, recomputed bit for bit as the
+forward computed it), with one from a boolean ``p > 0``
 (``p >= 0``: leaky) kept from the forward: a residual makes ``p`` depend on ``r``, and
 one byte per value is cheaper than keeping ``r`` or ``z`` (``identity`` needs none).
 
-Keep ``z`` (InPlace-ABN, Rota Bulo et al., CVPR 2018: ``identity`` and ``leaky_relu``
-without a residual). ``x`` is freed after the forward: ``act`` is invertible, so
+Keep ``z`` (``inplace=True``; InPlace-ABN, Rota Bulo et al., CVPR 2018: ``identity`` and
+``leaky_relu`` without a residual). ``x`` is freed after the forward: ``act`` is invertible, so
 ``y = z`` where ``z >= 0``, ``z / s`` elsewhere, and ``act'(p)`` is read from the sign of
 ``z``. With ``u = y - beta = gamma * rstd * xc`` and ``ig = 1 / gamma``::
 
@@ -34,8 +34,9 @@ arithmetic for any ``gamma != 0``. In floats ``u`` carries the rounding of ``y``
 small features' gradients lose ``log2((|y| + |beta|) / |gamma xhat|)`` bits. Where
 ``|gamma| <= sqrt(tiny)`` (1e-19 in float32) ``ig = 0``: ``z`` is then ``act(beta)``
 and holds no ``xhat``, so ``dgamma = 0`` and ``dx`` lacks the ``dvar`` term (``dx``,
-``dbeta`` otherwise exact, no NaN). A zero-initialized ``gamma`` (ResNet's last
-block norm) comes with a residual, which keeps ``x``.
+``dbeta`` otherwise exact, no NaN). That would leave a zero-initialized ``gamma`` at 0
+for ever, which is why keeping ``z`` is opt-in; the default keeps ``x``, exact for
+every ``gamma``.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def _g_u(spec: _Spec, dz, big, pos, v: _Vec):
         y = bf if spec.activation == "identity" else jnp.where(pos, bf, bf / spec.slope)
         u = y if v.beta is None else y - e(v.beta.astype(dt))
     else:
-        if pos is None and spec.activation == "relu":
-            pos = _affine(big, v.shift, v.delta, v.rstd, v.gamma, v.beta, axes) > 0
+        if pos is None and spec.activation != "identity":  # no residual: p = y, recomputed
+            pos = _sign(spec, _affine(big, v.shift, v.delta, v.rstd, v.gamma, v.beta, axes))
         u = bf - e(v.shift)
     g = dz.astype(dt)
     if spec.activation != "identity":
@@ -246,6 +247,7 @@ def batch_norm_act(
     axis_name=None,
     axis_index_groups=None,
     mask=None,
+    inplace: bool = False,
     custom_vjp: bool = True,
 ):
     """Batch norm, a residual add and an activation as one op: ``z = act(y + residual)``.
@@ -253,8 +255,9 @@ def batch_norm_act(
     ``y`` is :func:`jaxbn.batch_norm`'s output (training or evaluation); the
     hand-derived backward never writes ``dL/dy`` and keeps ``x`` alone (``relu``, or any
     activation with a residual: plus one byte per value of ``sign(y + residual)`` for
-    ``relu``/``leaky_relu``) or the output ``z`` alone (``identity`` and ``leaky_relu``
-    without a residual, as InPlace-ABN). See ``jaxbn._act`` for the derivation.
+    ``relu``/``leaky_relu``) or, with ``inplace=True``, the output ``z`` alone
+    (``identity`` and ``leaky_relu`` without a residual, as InPlace-ABN). See
+    ``jaxbn._act`` for the derivation.
 
     Args:
       x, gamma, beta, state, training, axis, momentum, eps, axis_name,
@@ -262,6 +265,9 @@ def batch_norm_act(
       activation: ``"relu"``, ``"leaky_relu"`` or ``"identity"``.
       negative_slope: leaky_relu's slope for negative inputs, a number > 0.
       residual: None, or an array of x's shape and dtype added before the activation.
+      inplace: keep only ``z`` for the backward, so ``x`` can be freed after the
+        forward (InPlace-ABN). Opt-in: where ``|gamma| <= sqrt(tiny)`` (a zero-initialized
+        gamma) ``z`` holds no ``xhat``, and ``dgamma`` is 0 there instead of its value.
       custom_vjp: the hand-derived backward (default), or JAX's autodiff of the same
         forward (False), which pure forward mode (``jax.jvp``) needs.
 
@@ -285,7 +291,13 @@ def batch_norm_act(
     momentum = _checks.check_momentum(momentum)
     slope = _check_activation(activation, negative_slope)
     residual = _check_residual(residual, x)
-    keep = "z" if residual is None and activation != "relu" else "x"
+    if inplace and (residual is not None or activation == "relu"):
+        raise ValueError(
+            f"inplace=True recovers the input from the output, which needs an invertible "
+            f"activation and no residual; got activation={activation!r} and "
+            f"{'a' if residual is not None else 'no'} residual."
+        )
+    keep = "z" if inplace else "x"
     spec = _Spec(cfg, activation, slope, keep, residual is not None)
     if not training:
         y = _eval(cfg, x, gamma, beta, state)

@@ -42,7 +42,10 @@ def make(layout, dtype, seed=0):
 
 
 def fused(act, axis, mask, state, **kw):
+    """The op, keeping z (inplace) wherever it can, so that both paths are tested."""
+
     def f(x, gamma, beta, r):
+        kw.setdefault("inplace", act != "relu" and r is None)
         z, st = jaxbn.batch_norm_act(
             x, gamma, beta, state, training=True, activation=act, negative_slope=SLOPE,
             residual=r, axis=axis, mask=mask, **kw,
@@ -96,7 +99,7 @@ def _check_gradients(act, with_residual, layout, dtype):
 
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("act", list(ACTS))
-def test_second_order_reverse(act, with_residual, program):
+def test_second_order_reverse(act, with_residual):
     with jax.enable_x64(True):
         x, gamma, beta, r, _, _, axis = make("nc", jnp.float64, seed=3)
         st = jaxbn.init_state(x.shape[axis], jnp.float64)
@@ -107,7 +110,7 @@ def test_second_order_reverse(act, with_residual, program):
         check_grads(loss, args, order=2, modes=["rev"])
 
 
-def test_gamma_near_zero_keeping_z(program):
+def test_gamma_near_zero_keeping_z():
     with jax.enable_x64(True):
         x, gamma, beta, _, dz, _, axis = make("nc", jnp.float64)
         gamma = gamma.at[0].set(0.0).at[1].set(1e-3).at[2].set(-1e-6)
@@ -224,3 +227,30 @@ def test_errors(kw, match):
     x, gamma, beta, _, _, _, _ = make("nc", jnp.float32)
     with pytest.raises((TypeError, ValueError), match=match):
         jaxbn.batch_norm_act(x, gamma, beta, jaxbn.init_state(6), training=True, **kw)
+
+
+def test_by_default_x_is_kept_and_a_zero_gamma_gets_its_gradient():
+    with jax.enable_x64(True):
+        x, gamma, beta, _, dz, _, axis = make("nc", jnp.float64)
+        gamma = gamma.at[0].set(0.0)
+        st = jaxbn.init_state(6, jnp.float64)
+        cts = (dz, jnp.zeros(6), jnp.zeros(6))
+        f = fused("leaky_relu", axis, None, st, inplace=False)
+        got = jax.vjp(f, x, gamma, beta, None)[1](cts)
+        want = jax.vjp(composed("leaky_relu", axis, None, st), x, gamma, beta, None)[1](cts)
+        for a, b in zip(got[:3], want[:3]):
+            assert rel_err(a, b) < 1e-10
+        assert got[1][0] != 0
+
+
+ST3 = jaxbn.init_state(3)
+
+
+@pytest.mark.parametrize("act, residual", [("relu", False), ("leaky_relu", True)])
+def test_inplace_needs_an_invertible_activation_and_no_residual(act, residual):
+    x = jnp.ones((4, 3))
+    r = jnp.ones((4, 3)) if residual else None
+    with pytest.raises(ValueError, match="inplace=True recovers the input from the output"):
+        jaxbn.batch_norm_act(
+            x, None, None, ST3, training=True, activation=act, residual=r, inplace=True
+        )

@@ -21,7 +21,7 @@ def bn(x=X, gamma=G, beta=B, state=S, **kw):
         (
             {"x": jnp.ones((8, 4), jnp.int32)},
             TypeError,
-            r"x must be a floating-point array, got dtype int32",
+            r"x must be a floating-point or complex array, got dtype int32",
         ),
         (
             {"gamma": jnp.ones(3)},
