@@ -42,6 +42,11 @@ def _config(
     fshape = tuple(x.shape[a] for a in axes)
     gamma = _checks.check_per_feature("gamma", gamma, fshape)
     beta = _checks.check_per_feature("beta", beta, fshape)
+    for name, v in (("gamma", gamma), ("beta", beta)):
+        if v is not None and jnp.iscomplexobj(v) and not jnp.iscomplexobj(x):
+            raise TypeError(
+                f"{name} is complex ({v.dtype}) but x is real ({x.dtype}); expected a real {name}."
+            )
     mask = _checks.check_mask(mask, x.shape)
     cfg = _Config(
         axes,

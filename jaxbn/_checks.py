@@ -71,7 +71,7 @@ def check_per_feature(name: str, v, feature_shape: tuple[int, ...]):
     if v is None:
         return None
     v = jnp.asarray(v)
-    if not jnp.issubdtype(v.dtype, jnp.floating):
+    if not jnp.issubdtype(v.dtype, jnp.inexact):
         raise TypeError(f"{name} must be a floating-point array or None, got dtype {v.dtype}.")
     if v.shape != feature_shape:
         raise ValueError(

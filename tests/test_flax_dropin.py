@@ -380,17 +380,9 @@ def test_forward_mode_in_training_with_custom_vjp_off_matches_flax(kind):
 # Items 3, 7, 9: complex inputs, Explicit meshes, symbolic shapes, through the modules.
 
 
-COMPLEX_PARAMS = pytest.mark.xfail(
-    reason="nnx's promote_dtype makes scale and bias complex64, which the core rejects; "
-    "strict, so that the core's fix shows here as XPASS, to unmark",
-    raises=TypeError,
-    strict=True,
-)
-
-
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")  # nnx's
 @pytest.mark.filterwarnings("ignore:Casting complex values to real")  # nnx's real BatchStat
-@pytest.mark.parametrize("kind", ["linen", pytest.param("nnx", marks=COMPLEX_PARAMS)])
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
 def test_complex_input_trains_as_flax(kind):
     x = (randn(0, (8, 2)) + 1j * randn(1, (8, 2), 2.0, 1.0)).astype(jnp.complex64)
     if kind == "linen":
