@@ -43,9 +43,16 @@ def use_clean_program():
 def per_platform(cpu: Callable, clean: Callable, *args):
     """``cpu(*args)`` when lowered for CPU, ``clean(*args)`` for any other platform.
 
-    Both must return the same pytree of arrays with equal shapes and dtypes.
+    Both must return the same pytree of arrays with equal shapes and dtypes. Called
+    eagerly (no tracer among ``args``), it runs the form for the platform the arrays
+    live on, op by op, as JAX runs eager code.
     """
     flat, tree = jax.tree.flatten(args)
+    if not any(isinstance(v, jax.core.Tracer) for v in flat):  # eager: where the data is
+        on_cpu = all(d.platform == "cpu" for v in flat for d in getattr(v, "devices", set)())
+        if on_cpu and not _clean_everywhere.value:
+            return cpu(*args)
+        return clean(*args)
     forms = []
     for fn in (cpu, clean):
         flat_fn = lambda *xs, fn=fn: fn(*jax.tree.unflatten(tree, xs))  # noqa: E731

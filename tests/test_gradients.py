@@ -51,7 +51,7 @@ def outputs(fn, x, gamma, beta, mask, axis):
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-def test_vjp_matches_reference(dtype, shape, axis, affine, masked, program):
+def test_vjp_matches_reference(dtype, shape, axis, affine, masked):
     with jax.enable_x64(dtype == jnp.float64):
         x, gamma, beta, mask, fshape = make(shape, axis, dtype, affine, masked=masked)
         rs = np.random.RandomState(1)
@@ -80,7 +80,7 @@ def test_vjp_matches_reference(dtype, shape, axis, affine, masked, program):
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
-def test_check_grads_second_order(shape, axis, program):
+def test_check_grads_second_order(shape, axis):
     with jax.enable_x64(True):
         x, gamma, beta, _, _ = make(shape, axis, jnp.float64, True)
         w = jnp.asarray(np.random.RandomState(2).randn(*shape))
@@ -164,7 +164,7 @@ def _forward_mode_case():
 
 
 @pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
-def test_pure_forward_mode_through_the_documented_switch(transform, program):
+def test_pure_forward_mode_through_the_documented_switch(transform):
     with jax.enable_x64(True):
         x, w, loss, ref = _forward_mode_case()
         run = {
@@ -177,7 +177,7 @@ def test_pure_forward_mode_through_the_documented_switch(transform, program):
 
 
 @pytest.mark.parametrize("custom", [True, False])
-def test_forward_over_reverse_hessian_and_hvp(custom, program):
+def test_forward_over_reverse_hessian_and_hvp(custom):
     # jvp of the custom rule's vjp differentiates fwd and bwd: no switch needed.
     with jax.enable_x64(True):
         x, w, loss, ref = _forward_mode_case()
@@ -187,7 +187,7 @@ def test_forward_over_reverse_hessian_and_hvp(custom, program):
         assert rel_err(hvp(f), hvp(ref)) < 1e-10
 
 
-def test_bfloat16_gradients_keep_dtypes(program):
+def test_bfloat16_gradients_keep_dtypes():
     x, gamma, beta, _, _ = make((32, 8), -1, jnp.float32, True)
     w = jnp.asarray(np.random.RandomState(7).randn(32, 8), jnp.float32)
     xb, gb, bb = (v.astype(jnp.bfloat16) for v in (x, gamma, beta))
@@ -240,3 +240,15 @@ def test_cpu_backward_takes_the_unshifted_sum_only_within_the_limit(ratio, unshi
     x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
     s2 = np.sum(dy64 * (x64 - ratio), 0)
     np.testing.assert_allclose(got, s2 - ratio if unshifted else s2, rtol=0, atol=ratio * 1e-3)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_clean_program_vjp_matches_reference(shape, axis, masked):
+    # the clean program's rule on every layout (the float32 bars are those of CPU's)
+    from jaxbn._platform import use_clean_program
+
+    with use_clean_program():
+        test_vjp_matches_reference(jnp.float64, shape, axis, True, masked)
+        if masked:  # once per layout: second order through the clean rule
+            test_check_grads_second_order(shape, axis)

@@ -93,7 +93,7 @@ def test_shard_map_equals_one_device(spatial, masked, program):
     assert_same(y, st, grads, single(x, gamma, beta, w, mask))
 
 
-def test_grad_inside_shard_map_sums_replicated_parameters(program):
+def test_grad_inside_shard_map_sums_replicated_parameters():
     x, gamma, beta, w = data()
     msh = mesh()
 
@@ -118,7 +118,7 @@ def test_grad_inside_shard_map_sums_replicated_parameters(program):
         assert rel_err(a, b) < TOL
 
 
-def test_pmap_equals_one_device(program):
+def test_pmap_equals_one_device():
     x, gamma, beta, w = data()
     split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
 
@@ -143,7 +143,7 @@ def test_pmap_equals_one_device(program):
     )
 
 
-def test_pmap_axis_index_groups(program):
+def test_pmap_axis_index_groups():
     x, gamma, beta, _ = data()
     split = x.reshape(ND, -1, 6)
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -164,7 +164,7 @@ def test_pmap_axis_index_groups(program):
         assert rel_err(st.var[g[0]], st_r.var) < TOL
 
 
-def test_jit_with_batch_sharded_input_needs_no_axis_name(program):
+def test_jit_with_batch_sharded_input_needs_no_axis_name():
     x, gamma, beta, w = data(spatial=True)
     msh = mesh()
     put = lambda v: jax.device_put(v, NamedSharding(msh, P("batch")))  # noqa: E731

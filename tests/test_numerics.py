@@ -78,7 +78,7 @@ def test_outlier_first_value_still_accurate(program):
     "shape,axis",
     [((32, 6), -1), ((4, 5, 5, 6), -1), ((4, 6, 5, 5), 1), ((5, 4, 6), (1, 2))],
 )
-def test_training_output_and_state_update(shape, axis, program):
+def test_training_output_and_state_update(shape, axis):
     rs = np.random.RandomState(5)
     x = (rs.randn(*shape) * 2 + 3).astype(np.float32)
     mean, var = np_stats(x, axis)
@@ -145,7 +145,7 @@ def test_eval_mode_uses_running_statistics_and_returns_state_unchanged():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_output_keeps_input_dtype_and_state_stays_float32(dtype, program):
+def test_output_keeps_input_dtype_and_state_stays_float32(dtype):
     x = jnp.asarray(np.random.RandomState(9).randn(32, 4), dtype)
     for training in (True, False):
         y, s = jaxbn.batch_norm(

@@ -31,7 +31,7 @@ def test_unbiased_running_var_stores_n_over_n_minus_one():
     assert rel_err(s.mean, 0.3 * x64.mean(0)) < 1e-6
 
 
-def test_unbiased_running_var_with_mask_uses_each_features_count(program):
+def test_unbiased_running_var_with_mask_uses_each_features_count():
     x, _, _, _ = problem(dtype=jnp.float32)
     mask = np.random.RandomState(1).rand(24, 5) > 0.5
     _, s = jaxbn.batch_norm(
@@ -64,7 +64,7 @@ def renorm_ref(x, gamma, beta, run_mean, run_var, rmax, dmax, eps=1e-5):
 
 @pytest.mark.parametrize("custom", [True, False])
 @pytest.mark.parametrize("limits", [(1.5, 0.5), (100.0, 100.0), (1.0, 0.0)])
-def test_renorm_matches_the_paper(custom, limits, program):
+def test_renorm_matches_the_paper(custom, limits):
     with jax.enable_x64(True):
         x, gamma, beta, ct = problem()
         state = jaxbn.BatchNormState(
