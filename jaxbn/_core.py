@@ -187,8 +187,8 @@ def _backward_sums(cfg: _Config, dy, x, shift, delta, rstd, *, cpu, fused=True):
 
 def _dx(cfg: _Config, dy, x, shift, a, k0, k1, mask, *, cpu):
     """``dx = a * dy + m * (k0 + k1 * (x - shift))``, one pass (its own inputs on CPU)."""
-    if cpu:
-        dy, x, shift = _cpu.copies((dy, x, shift), 1)[0]
+    if cpu:  # the vectors too: a broadcast the forward's y pass shares would be written out
+        dy, x, shift, a, k0, k1 = _cpu.copies((dy, x, shift, a, k0, k1), 1)[0]
     dt = compute_dtype(x.dtype)
     e = functools.partial(expand, ndim=x.ndim, feature_axes=cfg.axes)
     stat_term = e(k0) + (x.astype(dt) - e(shift)) * e(k1)
