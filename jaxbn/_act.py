@@ -50,8 +50,7 @@ import numpy as np
 
 from jaxbn import _checks, _cpu
 from jaxbn._batch_norm import _config, _eval, _update, _vary_like_x
-from jaxbn._core import _affine, _Config, _fwd
-from jaxbn._platform import per_platform
+from jaxbn._core import _affine, _Config, _fwd, differentiable_per_platform
 from jaxbn._stats import compute_dtype, expand, psum, reduced_axes, variadic_sum
 
 ACTIVATIONS = ("relu", "leaky_relu", "identity")
@@ -132,23 +131,8 @@ def _dx(spec: _Spec, dz, big, pos, v: _Vec, a, k0, k1, mask, *, cpu, fused=True)
     return (e(a) * g + stat).astype(dz.dtype), g.astype(dz.dtype)
 
 
-def _differentiable(fn):
-    """``fn`` per platform, with the clean, unfused form's jvp as its tangent."""
-
-    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-    def wrapped(spec, *args):
-        forms = (functools.partial(fn, spec, cpu=c) for c in (True, False))
-        return per_platform(*forms, *args)
-
-    @wrapped.defjvp
-    def wrapped_jvp(spec, primals, tangents):  # autodiff cannot transpose a variadic reduce
-        reference = functools.partial(fn, spec, cpu=False, fused=False)
-        return wrapped(spec, *primals), jax.jvp(reference, primals, tangents)[1]
-
-    return wrapped
-
-
-_sums_pp, _dx_pp = _differentiable(_sums), _differentiable(_dx)
+_sums_pp = differentiable_per_platform(_sums, fused=False)
+_dx_pp = differentiable_per_platform(_dx, fused=False)
 
 
 def _forward(spec: _Spec, x, gamma, beta, residual, mask, fallback):

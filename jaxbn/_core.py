@@ -197,8 +197,12 @@ def _dx(cfg: _Config, dy, x, shift, a, k0, k1, mask, *, cpu):
     return (e(a) * dy.astype(dt) + stat_term).astype(x.dtype)
 
 
-def _differentiable_per_platform(fn):
-    """``fn(cfg, *args, cpu=...)`` per platform, with the clean form's jvp as tangent."""
+def differentiable_per_platform(fn, **reference_kwargs):
+    """``fn(cfg, *args, cpu=...)`` per platform, with the clean form's jvp as tangent.
+
+    ``reference_kwargs`` go to the clean form used for the tangent (e.g. ``fused=False``:
+    autodiff cannot transpose a variadic reduce).
+    """
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
     def wrapped(cfg, *args):
@@ -207,15 +211,14 @@ def _differentiable_per_platform(fn):
 
     @wrapped.defjvp
     def wrapped_jvp(cfg, primals, tangents):
-        reference = functools.partial(fn, cfg, cpu=False, **_UNFUSED.get(fn, {}))
+        reference = functools.partial(fn, cfg, cpu=False, **reference_kwargs)
         return wrapped(cfg, *primals), jax.jvp(reference, primals, tangents)[1]
 
     return wrapped
 
 
-_UNFUSED = {_backward_sums: {"fused": False}}  # autodiff cannot transpose a variadic reduce
-_backward_sums_pp = _differentiable_per_platform(_backward_sums)
-_dx_pp = _differentiable_per_platform(_dx)
+_backward_sums_pp = differentiable_per_platform(_backward_sums, fused=False)
+_dx_pp = differentiable_per_platform(_dx)
 
 
 def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
