@@ -1,0 +1,347 @@
+"""``jaxbn.equinox.BatchNorm``: a replacement for ``equinox.nn.BatchNorm(mode="batch")``.
+
+Change one import and the model keeps its constructor, fields, call signature
+``(x, state, *, key=None, inference=None) -> (y, state)``, its ``eqx.nn.State``
+layout (``batch_counter``, ``batch_state_index``; leaves serialise both ways) and
+``eqx.nn.inference_mode``; the normalization underneath is :func:`jaxbn.batch_norm`.
+This module reads and writes the state, picks training or inference and calls the
+core: it holds no arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+try:
+    import equinox as eqx
+except ImportError as err:  # equinox is an optional extra; checked before jax is imported
+    raise ImportError(
+        "jaxbn.equinox needs equinox, which is not installed; install it with "
+        'pip install "jaxbn[equinox]".'
+    ) from err
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn import _checks
+from jaxbn._batch_norm import batch_norm
+from jaxbn._modules import one_value_batch_norm
+from jaxbn._state import BatchNormState
+
+__all__ = ["BatchNorm", "UnboundAxisNameError"]
+
+
+class UnboundAxisNameError(NameError, ValueError):
+    """Training under no ``vmap``/``pmap``/``shard_map`` of the layer's ``axis_name``.
+
+    A ``NameError``, as Equinox's layer raises there, and a ``ValueError``, as
+    jaxbn's checks raise.
+    """
+
+
+def _check_input_size(input_size) -> int:
+    if isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral):
+        raise TypeError(f"input_size must be an int (the number of channels), got {input_size!r}.")
+    if int(input_size) <= 0:
+        raise ValueError(f"input_size must be positive, got {input_size!r}.")
+    return int(input_size)
+
+
+def _check_axis(axis) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(
+            f"axis must be an int, the channel axis of one example (0: channel-first, "
+            f"-1: channel-last), got {axis!r}."
+        )
+    return int(axis)
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+    """Batch normalization with running statistics, as ``eqx.nn.BatchNorm(mode="batch")``.
+
+    In training each channel is normalized with the statistics of the batch (all
+    spatial positions of all examples along ``axis_name``), and the running ones
+    are updated::
+
+        y = weight * (x - mean) / sqrt(var + eps) + bias
+        running_mean = momentum * running_mean + (1 - momentum) * mean
+
+    (the same for ``var``, the biased batch variance); in inference the running
+    statistics are used and the state is returned unchanged. Write the model for
+    one example and ``jax.vmap`` it with ``axis_name``, as in Equinox::
+
+        bn, state = eqx.nn.make_with_state(BatchNorm)(32, "batch")
+        y, state = jax.vmap(bn, axis_name="batch", in_axes=(0, None),
+                            out_axes=(0, None))(x, state)
+
+    Where it deliberately differs from Equinox's layer:
+
+    - **Inference uses the running statistics as stored**, as PyTorch and Flax
+      do. Equinox's ``mode="batch"`` divides both by ``1 - momentum**count``;
+      that debiases the mean, which starts at 0, but not the variance, which
+      starts at 1: with ``momentum=0.99`` and a true variance of 4 its inference
+      variance is ``(0.99 + 0.01 * 4) / 0.01 = 103`` after one step. Here it is
+      ``0.99 + 0.01 * 4``, the running average. The stored values themselves are
+      the same as Equinox's (same update from the same start), so states load
+      both ways; only their reading in inference differs.
+    - **Only ``mode="batch"``**, also the default (Equinox's unspecified mode is
+      its legacy ``"ema"``, which warns). ``"ema"`` normalizes *training* batches
+      with running averages and is not batch normalization as
+      :func:`jaxbn.batch_norm` computes it; it raises a ``ValueError``. The
+      ``ema_first_time_index`` and ``ema_state_index`` fields exist and are
+      None, as in Equinox's ``"batch"`` layer, so the pytrees match.
+    - **``axis_name`` is optional.** ``None`` takes the whole batch without a
+      ``vmap``: ``x`` of shape ``(N, input_size, *spatial)`` (``axis=0``) or
+      ``(N, *spatial, input_size)`` (``axis=-1``), batch axis first, statistics
+      over all axes but the channel's (also right under ``jit`` with a sharded
+      batch). Equinox requires a name.
+    - **``axis``**: the channel axis of one example, 0 (channel-first, Equinox's
+      only layout) or -1 for channel-last (any int).
+    - **Running statistics are kept in at least float32**: a ``dtype`` below
+      float32 applies to ``weight`` and ``bias`` only.
+    - **Arguments are checked before tracing**: ``x`` must have ``input_size``
+      channels along ``axis`` and be real and floating, and training needs a
+      value per channel (exactly one, a batch of one example without spatial
+      positions, gives ``y = bias`` as in Equinox, where :func:`jaxbn.batch_norm`
+      itself raises); ``eps`` must be finite and > 0, ``momentum`` in
+      ``[0, 1]`` or None. An unbound ``axis_name`` in training raises
+      :class:`UnboundAxisNameError`, a ``NameError`` as in Equinox and a
+      ``ValueError``.
+    - **More fields**, keyword-only with defaults that keep Equinox's behaviour:
+      ``axis``, ``unbiased_running_var`` and ``custom_vjp``; ``momentum=None``
+      (a cumulative average) is jaxbn's too.
+    - The gradient is jaxbn's hand-derived backward (``custom_vjp=False`` for
+      JAX's autodiff, which forward mode needs).
+
+    The output dtype is that of ``x`` promoted with ``weight`` and ``bias``.
+
+    Args:
+      input_size: the number of channels, ``x.shape[axis]``.
+      axis_name: the named axis (or a tuple of them) of ``jax.vmap``,
+        ``jax.pmap`` or ``jax.shard_map`` that holds the batch; None: ``x`` is
+        the whole batch (see above).
+      eps: added to the variance (default 1e-5).
+      channelwise_affine: learn ``weight`` (ones) and ``bias`` (zeros).
+      momentum: weight on the old running value, in ``[0, 1]`` (default 0.99);
+        None keeps a cumulative average over steps (PyTorch's ``momentum=None``).
+      inference: True normalizes with the running statistics; toggled by
+        ``eqx.nn.inference_mode`` and overridden by the call's ``inference``.
+      dtype: of ``weight``, ``bias`` and (at least float32) the running
+        statistics; default float32, float64 with ``jax_enable_x64``.
+      mode: ``"batch"`` only (see above).
+      axis: channel axis of one example (default 0).
+      unbiased_running_var: store the unbiased batch variance ``var * n / (n - 1)``
+        in the running variance, as PyTorch does (Equinox's docs say unbiased;
+        its code, and the default here, store the biased one).
+      custom_vjp: differentiate training with jaxbn's hand-derived backward.
+
+    Raises:
+      TypeError, ValueError: for arguments that do not fit.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, equinox as eqx
+      >>> from jaxbn.equinox import BatchNorm
+      >>> bn, state = eqx.nn.make_with_state(BatchNorm)(2, "batch")
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> train = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+      >>> y, state = train(x, state)
+      >>> y.round(3)
+      Array([[-1., -1.],
+             [ 1.,  1.]], dtype=float32)
+      >>> state.get(bn.batch_state_index)[0].round(3)
+      Array([0.02, 0.2 ], dtype=float32)
+    """
+
+    weight: jax.Array | None
+    bias: jax.Array | None
+    ema_first_time_index: None
+    ema_state_index: None
+    batch_counter: eqx.nn.StateIndex
+    batch_state_index: eqx.nn.StateIndex
+    axis_name: Hashable | Sequence[Hashable] | None
+    inference: bool
+    input_size: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+    axis: int = eqx.field(static=True)
+    unbiased_running_var: bool = eqx.field(static=True)
+    custom_vjp: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        axis_name: Hashable | Sequence[Hashable] | None = None,
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        momentum: float | None = 0.99,
+        inference: bool = False,
+        dtype: Any = None,
+        mode: str = "batch",
+        *,
+        axis: int = 0,
+        unbiased_running_var: bool = False,
+        custom_vjp: bool = True,
+    ):
+        if mode != "batch":
+            raise ValueError(
+                f"mode={mode!r} is not supported: jaxbn.equinox.BatchNorm is Equinox's "
+                f'mode="batch" (batch statistics in training, running ones in '
+                f'inference); Equinox\'s "ema" (its legacy default) normalizes training '
+                f'batches with running averages. Pass mode="batch" or leave it out.'
+            )
+        input_size = _check_input_size(input_size)
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"dtype must be a real floating dtype, got {dtype}.")
+        # the running statistics: at least float32 (no promotion, which strict mode refuses)
+        stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+        if channelwise_affine:
+            self.weight = jnp.ones((input_size,), dtype)
+            self.bias = jnp.zeros((input_size,), dtype)
+        else:
+            self.weight = None
+            self.bias = None
+        self.ema_first_time_index = None
+        self.ema_state_index = None
+        # Equinox's "batch" layout: a counter (int32, not weakly typed, as the core's
+        # count), and (mean, var) from zeros and ones
+        self.batch_counter = eqx.nn.StateIndex(jnp.zeros((), jnp.int32))
+        self.batch_state_index = eqx.nn.StateIndex(
+            (jnp.zeros((input_size,), stats_dtype), jnp.ones((input_size,), stats_dtype))
+        )
+        if isinstance(axis_name, list):  # a sequence of names, as Equinox takes; JAX's is a tuple
+            axis_name = tuple(axis_name)
+        self.axis_name = axis_name
+        self.inference = inference
+        self.input_size = input_size
+        self.eps = _checks.check_eps(eps)
+        self.channelwise_affine = bool(channelwise_affine)
+        self.momentum = _checks.check_momentum(momentum)
+        self.mode = mode
+        self.axis = _check_axis(axis)
+        self.unbiased_running_var = bool(unbiased_running_var)
+        self.custom_vjp = bool(custom_vjp)
+
+    def running_state(self, state: eqx.nn.State) -> BatchNormState:
+        """This layer's running statistics in ``state``, as a :class:`jaxbn.BatchNormState`.
+
+        For jaxbn's functions that take one, e.g. :func:`jaxbn.fold_batch_norm`.
+        """
+        mean, var = state.get(self.batch_state_index)
+        return BatchNormState(mean, var, state.get(self.batch_counter))
+
+    def _feature_axis(self, x: jax.Array) -> int:
+        """The channel axis of ``x``: one example's under a named axis, else a batch's."""
+        batched = self.axis_name is None
+        example_ndim = x.ndim - 1 if batched else x.ndim
+        layout = (
+            f"a batch (N, {self.input_size}, ...) or (N, ..., {self.input_size}), batch axis "
+            f"first (axis_name=None; for one example per call, vmap the layer over a named "
+            f"axis and pass it as axis_name)"
+            if batched
+            else f"one example of the batch along axis_name {self.axis_name!r}"
+        )
+        if example_ndim < 1 or not -example_ndim <= self.axis < example_ndim:
+            raise ValueError(
+                f"x of shape {x.shape} has no channel axis {self.axis}; expected {layout}."
+            )
+        a = self.axis % example_ndim + (1 if batched else 0)
+        if x.shape[a] != self.input_size:
+            raise ValueError(
+                f"x of shape {x.shape} has {x.shape[a]} channels along axis {a}, but "
+                f"BatchNorm was built with input_size={self.input_size}; expected {layout}."
+            )
+        return a
+
+    def _axis_size(self) -> int:
+        """How many examples share the statistics along ``axis_name``."""
+        try:
+            return jax.lax.axis_size(self.axis_name)
+        except NameError:
+            raise UnboundAxisNameError(
+                f"axis_name {self.axis_name!r} is not bound here; in training, call the "
+                f"layer inside jax.vmap (or jax.pmap, jax.shard_map) with "
+                f"axis_name={self.axis_name!r}, or build it with axis_name=None to give it "
+                f"the whole batch."
+            ) from None
+
+    def __call__(
+        self,
+        x: jax.Array,
+        state: eqx.nn.State,
+        *,
+        key: Any = None,
+        inference: bool | None = None,
+    ) -> tuple[jax.Array, eqx.nn.State]:
+        """Normalizes ``x`` and, in training, updates the running statistics in ``state``.
+
+        Args:
+          x: one example, ``(input_size, *spatial)`` with ``axis=0`` (channel-last
+            ``(*spatial, input_size)`` with ``axis=-1``), under a ``vmap`` of
+            ``axis_name``; the whole batch, batch axis first, with ``axis_name=None``.
+          state: an ``eqx.nn.State`` holding this layer's running statistics.
+          key: ignored, as in Equinox.
+          inference: overrides the ``inference`` field if given.
+
+        Returns:
+          ``(y, state)``: the normalized ``x`` (same shape) and the updated state
+          (the same one in inference).
+
+        Raises:
+          TypeError, ValueError: for an ``x`` that does not fit (see the class).
+          UnboundAxisNameError: in training outside a transform that binds
+            ``axis_name``.
+        """
+        del key
+        if inference is None:
+            inference = self.inference
+        if not isinstance(inference, (bool, np.bool_)):
+            raise TypeError(
+                f"inference must be a Python bool (static, as for Equinox's layer), got "
+                f"{inference!r} of type {type(inference).__name__}."
+            )
+        x = _checks.check_x(x)
+        if jnp.iscomplexobj(x):
+            raise TypeError(
+                f"x must be real, got dtype {x.dtype}: the running statistics are stored "
+                f"as real arrays in the state."
+            )
+        axis = self._feature_axis(x)
+        out_dtype = x.dtype
+        for p in (self.weight, self.bias):
+            if p is not None and p.dtype != out_dtype:
+                out_dtype = jnp.promote_types(out_dtype, p.dtype)
+        x = x.astype(out_dtype)
+        running = self.running_state(state)
+        if inference:
+            y, _ = batch_norm(
+                x, self.weight, self.bias, running, training=False, axis=axis, eps=self.eps
+            )
+            return y, state
+        devices = 1 if self.axis_name is None else self._axis_size()
+        options: dict[str, Any] = dict(
+            axis=axis,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis_name=self.axis_name,
+            unbiased_running_var=self.unbiased_running_var,
+            custom_vjp=self.custom_vjp,
+            renorm=None,
+            virtual_batch_size=None,
+        )
+        values = math.prod(n for i, n in enumerate(x.shape) if i != axis) * devices
+        if values == 1:  # one value per channel: y = bias, as Equinox (the core raises)
+            y, new = one_value_batch_norm(
+                x, self.weight, self.bias, running, mask=None, options=options
+            )
+        else:
+            y, new = batch_norm(x, self.weight, self.bias, running, training=True, **options)
+        state = state.set(self.batch_counter, new.count)
+        state = state.set(self.batch_state_index, (new.mean, new.var))
+        return y, state

@@ -1,0 +1,124 @@
+"""Runs Equinox 0.13.8's own BatchNorm tests with ``jaxbn.equinox.BatchNorm`` swapped in.
+
+Equinox's tests are not vendored: give this script a git directory of
+patrick-kidger/equinox (``git clone --bare https://github.com/patrick-kidger/equinox``)
+and it extracts ``tests/`` and ``pyproject.toml`` at the ``v0.13.8`` tag, then runs,
+in a fresh process, the tests of ``FILES`` whose code names ``BatchNorm``, with
+Equinox's conftest (strict dtype promotion, rank promotion raises, 2 CPU devices)
+and pytest settings::
+
+    python tests/equinox_suite/run_equinox_tests.py /path/to/equinox.git          # jaxbn's layer
+    python tests/equinox_suite/run_equinox_tests.py /path/to/equinox.git --module equinox  # baseline
+    python tests/equinox_suite/run_equinox_tests.py /path/to/equinox.git --ema-as-batch
+    python tests/equinox_suite/run_equinox_tests.py /path/to/equinox.git -- -x -k sequential
+
+``--ema-as-batch`` builds jaxbn's layer with ``mode="batch"`` where a test asks for
+``mode="ema"`` (which jaxbn's layer rejects), to show what the tests find beyond the
+mode. Equinox's ``addopts`` (``--jaxtyping-packages=equinox,beartype...``, a runtime
+type check of Equinox's own annotations) is dropped: beartype is no dependency of
+jaxbn's. Arguments after ``--`` go to pytest.
+
+This file is also the pytest plugin (``-p run_equinox_tests``) that swaps the layer
+in at configure time, before any test module is imported, and deselects the tests
+whose code does not name ``BatchNorm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+EQUINOX_0_13_8 = "v0.13.8"
+FILES = ["tests/test_nn.py", "tests/test_stateful.py", "tests/test_serialisation.py"]
+_MODULE_ENV, _EMA_ENV = "JAXBN_EQUINOX_SUITE", "JAXBN_EQUINOX_EMA_AS_BATCH"
+
+
+def extract(git_dir: str, commit: str, dest: Path) -> None:
+    """Writes ``tests/`` and ``pyproject.toml`` of ``commit`` under ``dest``."""
+    tar = subprocess.run(
+        ["git", "--git-dir", git_dir, "archive", commit, "tests", "pyproject.toml"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(dest, filter="data")
+
+
+# --- the pytest plugin ---------------------------------------------------------------
+
+
+def _swap_in_jaxbn(ema_as_batch: bool) -> None:
+    import equinox.nn
+
+    import jaxbn.equinox
+
+    layer = jaxbn.equinox.BatchNorm
+    if ema_as_batch:
+
+        def layer(*args, **kwargs):  # a callable, as make_with_state takes any
+            if kwargs.get("mode") == "ema":
+                kwargs["mode"] = "batch"
+            return jaxbn.equinox.BatchNorm(*args, **kwargs)
+
+    equinox.nn.BatchNorm = layer  # type: ignore[attr-defined,misc,assignment]
+
+
+def pytest_configure(config) -> None:
+    module = os.environ.get(_MODULE_ENV, "jaxbn")
+    if module not in ("jaxbn", "equinox"):
+        raise ValueError(f"{_MODULE_ENV} must be 'jaxbn' or 'equinox', got {module!r}.")
+    if module == "jaxbn":
+        _swap_in_jaxbn(os.environ.get(_EMA_ENV) == "1")
+
+
+def _uses_batchnorm(item) -> bool:
+    fn = getattr(item, "obj", None)
+    try:
+        return "BatchNorm" in inspect.getsource(inspect.unwrap(fn))
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    keep = [i for i in items if _uses_batchnorm(i)]
+    config.hook.pytest_deselected(items=[i for i in items if not _uses_batchnorm(i)])
+    items[:] = keep
+
+
+# --- the runner ----------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("git_dir", help="a git directory of patrick-kidger/equinox (bare or not)")
+    p.add_argument("--module", choices=["jaxbn", "equinox"], default="jaxbn")
+    p.add_argument("--ema-as-batch", action="store_true")
+    p.add_argument("--commit", default=EQUINOX_0_13_8)
+    args, pytest_args = p.parse_known_args(argv)
+    pytest_args = [a for a in pytest_args if a != "--"]
+    with tempfile.TemporaryDirectory(prefix="equinox-tests-") as tmp:
+        root = Path(tmp)
+        extract(args.git_dir, args.commit, root)
+        env = dict(
+            os.environ,
+            **{_MODULE_ENV: args.module, _EMA_ENV: "1" if args.ema_as_batch else "0"},
+            PYTHONPATH=os.pathsep.join(
+                [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+            ),
+        )
+        cmd = [sys.executable, "-m", "pytest", "-c", str(root / "pyproject.toml")]
+        cmd += ["--rootdir", str(root), "-o", "addopts=", "-p", "run_equinox_tests"]
+        cmd += ["-p", "no:cacheprovider", "-p", "no:xdist", "-q", "-rfE"]
+        cmd += [*pytest_args, *(str(root / f) for f in FILES)]
+        return subprocess.run(cmd, env=env, cwd=root).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
