@@ -87,6 +87,7 @@ def torch_fns(torch, shape, axis, dtype, device):
 
         modes = {"fwd": fwd, "fwd+bwd": fwd_bwd, "bwd": bwd, "eval": evaluate}
         modes["fb+relu"] = relu_fwd_bwd
+        modes["fused+relu"] = relu_fwd_bwd  # torch has no fused form: BN then relu again
         fns.update({(fmt, m): f for m, f in modes.items()})
     return fns
 

@@ -49,9 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _checks, _cpu
-from jaxbn._batch_norm import _config, _eval, _update, _vary_like_x
+from jaxbn._batch_norm import _config, _eval, _update, _vary_like_x, unbiased
 from jaxbn._core import _affine, _Config, _fwd, differentiable_per_platform
-from jaxbn._stats import compute_dtype, expand, psum, reduced_axes, variadic_sum
+from jaxbn._stats import compute_dtype, expand, psum, reduced_axes, standard_promotion, variadic_sum
 
 ACTIVATIONS = ("relu", "leaky_relu", "identity")
 
@@ -75,11 +75,21 @@ class _Vec(NamedTuple):
 
 
 def _act(spec: _Spec, p):
-    if spec.activation == "relu":
+    return _apply(spec.activation, spec.slope, p)
+
+
+def _apply(activation: str, slope: float, p):
+    if activation == "relu":
         return jax.nn.relu(p)
-    if spec.activation == "leaky_relu":
-        return jax.nn.leaky_relu(p, spec.slope)
+    if activation == "leaky_relu":
+        return jax.nn.leaky_relu(p, slope)
     return p
+
+
+def activate(y, activation: str, negative_slope: float = 0.01, residual=None):
+    """``act(y + residual)`` as :func:`batch_norm_act` computes it, for a given ``y``."""
+    slope = _check_activation(activation, negative_slope)
+    return _apply(activation, slope, y if residual is None else y + residual)
 
 
 def _sign(spec: _Spec, p):
@@ -158,6 +168,7 @@ def _train_fwd(spec, x, gamma, beta, residual, mask, fallback):
     return out, (saved, fallback)
 
 
+@standard_promotion
 def _train_bwd(spec: _Spec, saved, cotangents):
     (big, pos, v, mask, n), fallback = saved
     dz, dmean, dvar = cotangents[:3]
@@ -215,6 +226,7 @@ def _check_residual(residual, x):
     return residual
 
 
+@standard_promotion
 def batch_norm_act(
     x,
     gamma,
@@ -231,6 +243,7 @@ def batch_norm_act(
     axis_name=None,
     axis_index_groups=None,
     mask=None,
+    unbiased_running_var: bool = False,
     inplace: bool = False,
     custom_vjp: bool = True,
 ):
@@ -245,7 +258,7 @@ def batch_norm_act(
 
     Args:
       x, gamma, beta, state, training, axis, momentum, eps, axis_name,
-        axis_index_groups, mask: as for :func:`jaxbn.batch_norm`.
+        axis_index_groups, mask, unbiased_running_var: as for :func:`jaxbn.batch_norm`.
       activation: ``"relu"``, ``"leaky_relu"`` or ``"identity"``.
       negative_slope: leaky_relu's slope for negative inputs, a number > 0.
       residual: None, or an array of x's shape and dtype added before the activation.
@@ -300,6 +313,8 @@ def batch_norm_act(
                 raise
             raise TypeError(_FORWARD_MODE_HINT) from err
     z, mean, var, count = out
+    if unbiased_running_var:
+        var = unbiased(var, count)
     return z, _update(state, mean, var, None if mask is None else count > 0, momentum)
 
 

@@ -21,6 +21,7 @@ from jaxbn._core import (
     _train,
 )
 from jaxbn._state import BatchNormState
+from jaxbn._stats import standard_promotion
 
 
 def _groups(axis_index_groups, axis_name):
@@ -97,6 +98,11 @@ def _update(state: BatchNormState, mean, var, seen, momentum) -> BatchNormState:
     return BatchNormState(new_mean, new_var, state.count + step)
 
 
+def unbiased(var, count):
+    """``var * n / (n - 1)`` where ``n = count > 1`` (PyTorch's running variance)."""
+    return jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)
+
+
 def _normalize_train(cfg, x, gamma, beta, mask, renorm, custom_vjp, fallback):
     """Training-mode output and batch statistics ``(y, mean, var, count)``."""
     if not custom_vjp or jnp.iscomplexobj(x):  # complex x: autodiff of the same forward
@@ -129,6 +135,7 @@ def _ghost(cfg, x, gamma, beta, mask, renorm, custom_vjp, fallback, size):
     return y.reshape(x.shape), mean, var, count
 
 
+@standard_promotion
 def batch_norm(
     x: ArrayLike,
     gamma: ArrayLike | None,
@@ -245,7 +252,7 @@ def batch_norm(
         raise NotImplementedError(_checks.GROUPS_UNSUPPORTED) from err
     y, mean, var, count = out
     if unbiased_running_var:
-        var = jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)
+        var = unbiased(var, count)
     seen = None if mask is None else count > 0
     if size and seen is None:  # the mean of the groups' statistics
         mean, var = jnp.mean(mean, 0), jnp.mean(var, 0)
@@ -262,6 +269,7 @@ def _eval(cfg, x, gamma, beta, state):
     return _affine(x, state.mean, None, rstd, gamma, beta, cfg.axes)
 
 
+@standard_promotion
 def frozen_batch_norm(
     x: ArrayLike,
     gamma: ArrayLike | None,
@@ -295,6 +303,7 @@ def frozen_batch_norm(
     return _eval(cfg, x, gamma, beta, lax.stop_gradient(state))
 
 
+@standard_promotion
 def batch_norm_fwd(
     x: ArrayLike,
     gamma: ArrayLike | None,
@@ -322,6 +331,7 @@ def batch_norm_fwd(
     return _fwd(cfg, x, gamma, beta, mask)
 
 
+@standard_promotion
 def batch_norm_bwd(
     residuals: BatchNormResiduals,
     dy: ArrayLike,

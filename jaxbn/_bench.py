@@ -7,7 +7,9 @@ divided by ``k`` of them: training forward 3, eval 2, backward 5, forward + back
 8 (XLA:CPU does not fuse sibling reductions, so about 4 is the realistic training
 forward there). "fb+relu" is forward + backward with a relu between the
 normalization and the loss, the usual BN -> ReLU: ``dy`` is then computed, where
-"fwd+bwd" gets it for free, and its own traffic narrows jaxbn's lead. Competitors
+"fwd+bwd" gets it for free, and its own traffic narrows jaxbn's lead. "fused+relu" is
+the same loss with jaxbn's :func:`jaxbn.batch_norm_act` (the relu inside the
+normalization's backward, no ``dy`` written) against the others' BN then relu. Competitors
 run interleaved in one process, the calls of one mode adjacent, and the caches are
 evicted before each call (else the order decides who finds ``x`` in a 32 MiB L3);
 each time is the median of ``--reps`` calls after ``--warmup`` calls, and each ratio
@@ -43,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn._act import batch_norm_act
 from jaxbn._batch_norm import batch_norm
 from jaxbn._bench_host import (
     JEMALLOC_CONF,
@@ -213,6 +216,16 @@ def bench_shape(
         relu_y_of = lambda *a, y_of=y_of: jax.nn.relu(y_of(*a))  # noqa: E731
         relu_loss = lambda x, g, b, w, f=relu_y_of: loss(x, g, b, w, f)  # noqa: E731
         fns[(name, "fb+relu")] = (jax.jit(jax.value_and_grad(relu_loss, (0, 1, 2))), (x, g, b, w))
+        fused_loss = relu_loss  # the others have no fused form: their BN then relu again
+        if name == "jaxbn":
+            fused_y_of = lambda x, g, b, s=s: batch_norm_act(  # noqa: E731
+                x, g, b, s, training=True, activation="relu", axis=axis, eps=EPS
+            )[0]
+            fused_loss = lambda x, g, b, w, f=fused_y_of: loss(x, g, b, w, f)  # noqa: E731
+        fns[(name, "fused+relu")] = (
+            jax.jit(jax.value_and_grad(fused_loss, (0, 1, 2))),
+            (x, g, b, w),
+        )
         residuals[name] = residual_bytes(y_of, x, g, b)
     same = {
         m: program(fns[("jaxbn", m)][0], *fns[("jaxbn", m)][1])

@@ -14,7 +14,8 @@ import math
 
 import jax.numpy as jnp
 
-from jaxbn._batch_norm import batch_norm
+from jaxbn._act import activate, batch_norm_act
+from jaxbn._batch_norm import batch_norm, frozen_batch_norm
 from jaxbn._checks import normalize_axes
 from jaxbn._state import BatchNormState
 
@@ -42,19 +43,68 @@ def core_options(module, *, training: bool, initializing: bool = False) -> dict:
     )
 
 
-def module_batch_norm(x, scale, bias, state, *, training: bool, mask, options: dict):
-    """:func:`jaxbn.batch_norm` as Flax's modules behave: one value per feature is allowed."""
+def act_options(module) -> dict | None:
+    """The module's activation fields for :func:`jaxbn.batch_norm_act`, or None without one."""
+    if module.activation is None:
+        return None
+    return dict(
+        activation=module.activation,
+        negative_slope=module.negative_slope,
+        inplace=module.inplace,
+    )
+
+
+_NOT_FUSED = ("renorm", "virtual_batch_size")  # options batch_norm_act does not take
+
+
+def module_batch_norm(
+    x, scale, bias, state, *, training: bool, mask, options: dict, act=None, residual=None
+):
+    """:func:`jaxbn.batch_norm` as Flax's modules behave: one value per feature is allowed.
+
+    With an activation or a residual, :func:`jaxbn.batch_norm_act` instead (the
+    identity activation for a residual alone).
+    """
+    fused = act is not None or residual is not None
+    if fused:
+        act = act or dict(activation="identity", negative_slope=0.01, inplace=False)
+        for name in _NOT_FUSED:
+            if options[name] is not None:
+                raise ValueError(
+                    f"{name}={options[name]!r} cannot be combined with activation="
+                    f"{act['activation']!r} or a residual (jaxbn.batch_norm_act does not "
+                    f"take {name}); expected {name}=None, or activation=None with the "
+                    f"activation applied after the module."
+                )
+        options = {k: v for k, v in options.items() if k not in _NOT_FUSED}
     axes = normalize_axes(options["axis"], x.ndim)
     reduced = math.prod(x.shape[i] for i in range(x.ndim) if i not in axes)
     one_value = (
         training
         and options["axis_name"] is None
-        and options["virtual_batch_size"] is None
+        and options.get("virtual_batch_size") is None
         and reduced == 1  # False, not an error, for a symbolic dimension
     )
     if one_value:
-        return one_value_batch_norm(x, scale, bias, state, mask=mask, options=options)
+        y, new_state = one_value_batch_norm(x, scale, bias, state, mask=mask, options=options)
+        return (activate(y, **_no_inplace(act), residual=residual) if fused else y), new_state
+    if fused:
+        return batch_norm_act(
+            x, scale, bias, state, training=training, mask=mask, residual=residual, **act, **options
+        )
     return batch_norm(x, scale, bias, state, training=training, mask=mask, **options)
+
+
+def module_frozen(x, scale, bias, state, *, options: dict, act=None, residual=None):
+    """:func:`jaxbn.frozen_batch_norm`, then the activation if the module has one."""
+    y = frozen_batch_norm(x, scale, bias, state, axis=options["axis"], eps=options["eps"])
+    if act is None and residual is None:
+        return y
+    return activate(y, **_no_inplace(act or dict(activation="identity")), residual=residual)
+
+
+def _no_inplace(act: dict) -> dict:
+    return {k: v for k, v in act.items() if k != "inplace"}
 
 
 def one_value_batch_norm(x, scale, bias, state, *, mask, options: dict):
@@ -77,7 +127,7 @@ def one_value_batch_norm(x, scale, bias, state, *, mask, options: dict):
     xf = x.reshape(fshape)  # the other axes all have size 1: this only drops them
     twice = jnp.broadcast_to(xf, (2, *fshape))
     twice_options = dict(options, axis=tuple(range(1, len(fshape) + 1)))
-    if mask is not None or options["renorm"] is not None:
+    if mask is not None or options.get("renorm") is not None:
         if mask is not None:
             mask = jnp.broadcast_to(jnp.broadcast_to(mask, x.shape).reshape(fshape), twice.shape)
         y2, new_state = batch_norm(

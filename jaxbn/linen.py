@@ -22,8 +22,7 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._batch_norm import frozen_batch_norm
-from jaxbn._modules import core_options, module_batch_norm
+from jaxbn._modules import act_options, core_options, module_batch_norm, module_frozen
 from jaxbn._state import BatchNormState
 
 __all__ = ["BatchNorm"]
@@ -122,8 +121,20 @@ class BatchNorm(nn.Module):
       custom_vjp: differentiate training with jaxbn's hand-derived backward
         (default); False uses JAX's autodiff of the same computation, which
         forward mode (``jax.jvp``, ``jax.jacfwd``) needs.
+      activation: None (default: batch norm alone), or ``"relu"``,
+        ``"leaky_relu"`` or ``"identity"``: the module returns
+        ``activation(y + residual)`` computed by :func:`jaxbn.batch_norm_act`,
+        whose backward never writes ``dL/dy``. The variables are the same, so a
+        checkpoint of ``BatchNorm`` followed by ``nn.relu`` loads into
+        ``BatchNorm(activation="relu")`` (same auto-name too). Not with
+        ``renorm`` or ``virtual_batch_size``.
+      negative_slope: leaky_relu's slope for negative inputs (> 0; default 0.01,
+        ``nn.leaky_relu``'s).
+      inplace: with ``activation="leaky_relu"`` or ``"identity"`` and no
+        residual, keep only the output for the backward (InPlace-ABN; see
+        :func:`jaxbn.batch_norm_act` for what it costs at ``scale`` near 0).
 
-    The last five are jaxbn's options (see :func:`jaxbn.batch_norm`), with
+    The last eight are jaxbn's options (see :func:`jaxbn.batch_norm`), with
     defaults that keep the module a drop-in for Flax's. ``momentum=None`` keeps a cumulative average, as PyTorch's ``momentum=None``;
     then ``batch_stats`` also holds ``count``, the number of updates.
 
@@ -160,10 +171,18 @@ class BatchNorm(nn.Module):
     virtual_batch_size: int | None = None
     frozen: bool = False
     custom_vjp: bool = True
+    activation: str | None = None
+    negative_slope: float = 0.01
+    inplace: bool = False
 
     @nn.compact
     def __call__(
-        self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+        self,
+        x,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+        residual: jax.Array | None = None,
     ):
         """Normalizes ``x`` and, in training, updates ``batch_stats``.
 
@@ -174,9 +193,13 @@ class BatchNorm(nn.Module):
             constructor, not both.
           mask: broadcastable to ``x``: the values that count toward the
             statistics (read as booleans, as Flax's module does).
+          residual: None, or an array of ``x``'s shape added to the normalized
+            ``x`` before the activation (``"identity"`` if there is none); its
+            gradient flows back.
 
         Returns:
-          The normalized ``x``, same shape, in the dtype described above.
+          The normalized ``x`` (with the residual and activation, if any), same
+          shape, in the dtype described above.
 
         Raises:
           ValueError: if ``use_running_average`` is given twice or never.
@@ -201,22 +224,32 @@ class BatchNorm(nn.Module):
         if self.use_bias:
             bias = self.param("bias", self.bias_init, shape, self.param_dtype)
 
-        out_dtype = canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        out_dtype = canonicalize_dtype(x, scale, bias, residual, dtype=self.dtype)
         # The core returns x's dtype and computes in >= float32 inside; widening x
         # first keeps a float32 output from a bfloat16 x as precise as Flax's.
         x = x.astype(jnp.promote_types(x.dtype, out_dtype))
+        if residual is not None:
+            residual = jnp.asarray(residual).astype(x.dtype)
         state = _core_state(ra_mean.value, ra_var.value, None if count is None else count.value)
-        if self.frozen:
-            return frozen_batch_norm(
-                x, scale, bias, state, axis=self.axis, eps=self.epsilon
-            ).astype(out_dtype)
         training = not use_running_average
         initializing = self.is_initializing()
+        options = core_options(self, training=training, initializing=initializing)
+        act = act_options(self)
+        if self.frozen:
+            y = module_frozen(x, scale, bias, state, options=options, act=act, residual=residual)
+            return y.astype(out_dtype)
         if mask is not None:  # Flax's module takes any mask dtype as booleans
             mask = jnp.asarray(mask, bool)
-        options = core_options(self, training=training, initializing=initializing)
         y, new = module_batch_norm(
-            x, scale, bias, state, training=training, mask=mask, options=options
+            x,
+            scale,
+            bias,
+            state,
+            training=training,
+            mask=mask,
+            options=options,
+            act=act,
+            residual=residual,
         )
         if training and not initializing:  # immutable batch_stats: Flax's error, raised here
             ra_mean.value = new.mean.astype(_stored_dtype(stats_dtype, new.mean))

@@ -24,8 +24,7 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._batch_norm import frozen_batch_norm
-from jaxbn._modules import core_options, module_batch_norm
+from jaxbn._modules import act_options, core_options, module_batch_norm, module_frozen
 from jaxbn._state import BatchNormState
 
 __all__ = ["BatchNorm"]
@@ -85,9 +84,11 @@ class BatchNorm(nnx.Module):
       rngs: :class:`flax.nnx.Rngs` for the initializers.
       bias_metadata: metadata for the ``bias`` ``nnx.Param``.
       scale_metadata: metadata for the ``scale`` ``nnx.Param``.
-      unbiased_running_var, renorm, virtual_batch_size, frozen, custom_vjp:
+      unbiased_running_var, renorm, virtual_batch_size, frozen, custom_vjp,
+        activation, negative_slope, inplace:
         jaxbn's options, with defaults that keep the module a drop-in for Flax's; as for
-        :class:`jaxbn.linen.BatchNorm`. ``momentum=None`` keeps a cumulative
+        :class:`jaxbn.linen.BatchNorm` (``activation="relu"`` returns
+        ``relu(y + residual)`` from :func:`jaxbn.batch_norm_act`). ``momentum=None`` keeps a cumulative
         average and adds a ``count`` ``nnx.BatchStat``.
 
     Raises:
@@ -133,6 +134,9 @@ class BatchNorm(nnx.Module):
         virtual_batch_size: int | None = None,
         frozen: bool = False,
         custom_vjp: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+        inplace: bool = False,
     ):
         shape = _checks.feature_shape_of(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
@@ -167,9 +171,17 @@ class BatchNorm(nnx.Module):
         self.virtual_batch_size = virtual_batch_size
         self.frozen = frozen
         self.custom_vjp = custom_vjp
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.inplace = inplace
 
     def __call__(
-        self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+        self,
+        x,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+        residual: jax.Array | None = None,
     ):
         """Normalizes ``x`` and, in training, updates ``mean`` and ``var``.
 
@@ -180,9 +192,13 @@ class BatchNorm(nnx.Module):
             set by the constructor, ``train()`` or ``eval()``.
           mask: boolean, broadcastable to ``x``: the values that count toward the
             statistics.
+          residual: None, or an array of ``x``'s shape added to the normalized
+            ``x`` before the activation (``"identity"`` if there is none); its
+            gradient flows back.
 
         Returns:
-          The normalized ``x``, same shape, in the dtype described above.
+          The normalized ``x`` (with the residual and activation, if any), same
+          shape, in the dtype described above.
 
         Raises:
           ValueError: if ``use_running_average`` is None both here and on the
@@ -211,9 +227,15 @@ class BatchNorm(nnx.Module):
         x, _, _, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
         state = BatchNormState(mean, var, count)
-        if self.frozen:
-            return frozen_batch_norm(x, scale, bias, state, axis=self.axis, eps=self.epsilon)
+        if residual is not None:  # as act(bn(x) + residual) promotes
+            residual = jnp.asarray(residual)
+            dt = jnp.promote_types(x.dtype, residual.dtype)
+            x, residual = x.astype(dt), residual.astype(dt)
         training = not use_running_average
+        options = core_options(self, training=training)
+        act = act_options(self)
+        if self.frozen:
+            return module_frozen(x, scale, bias, state, options=options, act=act, residual=residual)
         y, new = module_batch_norm(
             x,
             scale,
@@ -221,7 +243,9 @@ class BatchNorm(nnx.Module):
             state,
             training=training,
             mask=mask,
-            options=core_options(self, training=training),
+            options=options,
+            act=act,
+            residual=residual,
         )
         if training:
             # As Flax does: the stored statistics carry no tangent (a hijax variable,

@@ -28,7 +28,7 @@ def test_quick_run_prints_the_table_and_writes_the_json(tmp_path, capsys):
     assert result["competitors"] == ["jaxbn", "flax", "flax_stable", "autodiff"]
     assert [r["shape"] for r in result["rows"]] == [[32, 8], [4, 8, 3, 3]]
     for row in result["rows"]:
-        assert set(row["modes"]) == {"fwd", "fwd+bwd", "bwd", "eval", "fb+relu"}
+        assert set(row["modes"]) == {"fwd", "fwd+bwd", "bwd", "eval", "fb+relu", "fused+relu"}
         for mode in row["modes"].values():
             assert set(mode) == set(result["competitors"])
             assert all(v["ms"] > 0 and v["x_floor"] > 0 for v in mode.values())
@@ -41,6 +41,7 @@ def test_quick_run_prints_the_table_and_writes_the_json(tmp_path, capsys):
             "bwd": False,
             "eval": True,
             "fb+relu": False,
+            "fused+relu": False,
         }
     # tiny shapes are dispatch-bound: only the residuals are held to a target
     assert set(result["summary"]) == {"residuals"} and result["summary"]["residuals"]["met"]
