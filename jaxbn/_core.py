@@ -63,7 +63,7 @@ from jax import lax
 
 from jaxbn import _cpu, _stats
 from jaxbn._platform import per_platform
-from jaxbn._stats import compute_dtype, expand, psum
+from jaxbn._stats import compute_dtype, expand, psum, standard_promotion
 
 _FORWARD_MODE_HINT = (
     "forward-mode differentiation (jax.jvp, jax.jacfwd) of batch_norm cannot use "
@@ -138,6 +138,7 @@ def _moments(cfg: _Config, x, mask) -> _stats.Moments:
 
 
 @_moments.defjvp
+@standard_promotion
 def _moments_jvp(cfg: _Config, primals, tangents):
     x, mask = primals
     mo = _moments(cfg, x, mask)
@@ -210,6 +211,7 @@ def differentiable_per_platform(fn, **reference_kwargs):
         return per_platform(cpu, functools.partial(fn, cfg, cpu=False), *args)
 
     @wrapped.defjvp
+    @standard_promotion
     def wrapped_jvp(cfg, primals, tangents):
         reference = functools.partial(fn, cfg, cpu=False, **reference_kwargs)
         return wrapped(cfg, *primals), jax.jvp(reference, primals, tangents)[1]
@@ -254,6 +256,7 @@ def _train_fwd(cfg, x, gamma, beta, mask, renorm, fallback):
     return out, (res, renorm, fallback)
 
 
+@standard_promotion
 def _train_bwd(cfg, saved, cotangents):
     res, renorm, fallback = saved
     dx, dgamma, dbeta = _bwd(cfg, res, cotangents)

@@ -21,8 +21,10 @@ from jax import lax
 from jaxbn import _checks
 from jaxbn._core import _affine
 from jaxbn._state import BatchNormState, init_state
+from jaxbn._stats import standard_promotion
 
 
+@standard_promotion
 def fold_batch_norm(
     kernel, bias, gamma, beta, state: BatchNormState | Mapping, *, eps: float = 1e-5
 ):

@@ -24,8 +24,10 @@ import numpy as np
 from jaxbn import _checks
 from jaxbn._core import _Config, _moments
 from jaxbn._state import BatchNormState
+from jaxbn._stats import standard_promotion
 
 
+@standard_promotion
 def population_stats(
     fn: Callable,
     batches: Iterable,

@@ -56,6 +56,7 @@ Backward sums, read in one reduce of ``x`` and ``dy``::
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -78,6 +79,23 @@ class Moments(NamedTuple):
     @property
     def mean(self) -> jax.Array:
         return self.shift + self.delta
+
+
+def standard_promotion(fn):
+    """Runs ``fn`` under JAX's standard dtype promotion, whatever the user's setting.
+
+    jaxbn mixes dtypes on purpose (a bfloat16 ``x`` with float32 statistics, an int32
+    count), which ``jax_numpy_dtype_promotion="strict"`` (Equinox's tests use it)
+    refuses. Every entry point, and every rule JAX traces later (the backward, the
+    tangents), wears this decorator.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.numpy_dtype_promotion("standard"):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def compute_dtype(dtype) -> jnp.dtype:

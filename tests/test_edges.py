@@ -176,3 +176,30 @@ def test_complex_input_matches_a_plain_reference_and_its_gradient(dtype, program
         np.testing.assert_allclose(var, var_r, rtol=tol)
         np.testing.assert_allclose(value, value_r, rtol=tol, atol=tol)
         np.testing.assert_allclose(g, g_r, rtol=tol, atol=tol)
+
+
+def test_strict_dtype_promotion_gives_the_standard_results():
+    """Under ``jax_numpy_dtype_promotion="strict"`` (Equinox's tests use it), jaxbn's own
+    mixed-dtype arithmetic (bfloat16 x, float32 statistics, an int32 count) still runs,
+    forward and backward, with the results of standard promotion."""
+    x = (jax.random.normal(jax.random.key(0), (16, 3)) * 3 + 1).astype(jnp.bfloat16)
+    g, b = jnp.full(3, 1.5), jnp.full(3, 0.5)
+    ct = jax.random.normal(jax.random.key(1), (16, 3)).astype(jnp.bfloat16)
+
+    def run():
+        out = {}
+        for name, fn in (("bn", jaxbn.batch_norm), ("act", jaxbn.batch_norm_act)):
+
+            def f(x, g, b, fn=fn):
+                return fn(x, g, b, jaxbn.init_state(3), training=True, unbiased_running_var=True)
+
+            (y, state), pullback = jax.vjp(f, x, g, b)
+            out[name] = (y, state, pullback((ct, jax.tree.map(jnp.zeros_like, state))))
+        return out
+
+    standard = run()
+    with jax.numpy_dtype_promotion("strict"):
+        strict = run()
+    for a, b_ in zip(jax.tree.leaves(strict), jax.tree.leaves(standard)):
+        assert a.dtype == b_.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b_, np.float32))

@@ -37,5 +37,5 @@ def test_pyright_sees_the_public_types():
     pytest.importorskip("pyright")
     if shutil.which("node") is None:
         pytest.skip("pyright needs Node.js on PATH")
-    code, out = run([sys.executable, "-m", "pyright", SCRIPT])
+    code, out = run([sys.executable, "-m", "pyright", "--pythonpath", sys.executable, SCRIPT])
     assert code == 0, out
