@@ -7,10 +7,11 @@ ways, and prints XLA's ``memory_analysis()`` of each compiled step:
 
 - ``flax``: ``flax.linen.BatchNorm`` then ``nn.leaky_relu`` (and the residual add);
 - ``jaxbn``: ``jaxbn.linen.BatchNorm`` then ``nn.leaky_relu``;
-- ``fused``: ``jaxbn.linen.BatchNorm(activation="leaky_relu")``: the block's first
-  normalization with ``inplace=True`` (keeps only its output, which the next
-  convolution keeps anyway), the second with ``residual=`` (keeps its input and one
-  byte per value of the pre-activation's sign).
+- ``fused``: ``jaxbn.linen.BatchNorm(activation="leaky_relu", inplace=True)``: each
+  normalization followed by an activation keeps only its output (which the next
+  convolution keeps anyway); the block's second one also takes the shortcut as
+  ``residual=`` and reads it in the backward (the block's input, kept anyway by its
+  first convolution, or the projection's normalized output).
 
 Temporary memory (``temp_size_in_bytes``) is what the step allocates beyond its
 arguments and outputs: mostly the activations the backward keeps. Nothing is timed.
@@ -32,7 +33,7 @@ import jaxbn.linen
 SLOPE = 0.01
 
 
-def _norm(kind: str, train: bool, *, act: bool, first: bool):
+def _norm(kind: str, train: bool, *, act: bool):
     """``f(h, residual) -> leaky_relu(bn(h) + residual)`` (no activation if ``act`` is False)."""
     if kind == "flax":
         bn = nn.BatchNorm(use_running_average=not train)
@@ -50,7 +51,7 @@ def _norm(kind: str, train: bool, *, act: bool, first: bool):
         use_running_average=not train,
         activation=activation,
         negative_slope=SLOPE,
-        inplace=act and first,  # invertible, no residual: keep only the output
+        inplace=act,  # invertible: keep only the output (and the residual)
     )
     return lambda h, residual=None: fused(h, residual=residual)
 
@@ -64,13 +65,13 @@ class Block(nn.Module):
     def __call__(self, x, train: bool):
         conv = functools.partial(nn.Conv, use_bias=False)
         h = conv(self.width, (3, 3), self.stride)(x)
-        h = _norm(self.kind, train, act=True, first=True)(h)
+        h = _norm(self.kind, train, act=True)(h)
         h = conv(self.width, (3, 3))(h)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.width:
             shortcut = conv(self.width, (1, 1), self.stride)(x)
-            shortcut = _norm(self.kind, train, act=False, first=False)(shortcut)
-        return _norm(self.kind, train, act=True, first=False)(h, shortcut)
+            shortcut = _norm(self.kind, train, act=False)(shortcut)
+        return _norm(self.kind, train, act=True)(h, shortcut)
 
 
 class ResNet18(nn.Module):
@@ -81,7 +82,7 @@ class ResNet18(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         h = nn.Conv(self.width, (3, 3), use_bias=False)(x)
-        h = _norm(self.kind, train, act=True, first=True)(h)
+        h = _norm(self.kind, train, act=True)(h)
         for stage in range(4):
             for i in range(2):
                 stride = 2 if stage > 0 and i == 0 else 1

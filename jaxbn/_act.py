@@ -17,9 +17,11 @@ forward computed it), with one from a boolean ``p > 0``
 one byte per value is cheaper than keeping ``r`` or ``z`` (``identity`` needs none).
 
 Keep ``z`` (``inplace=True``; InPlace-ABN, Rota Bulo et al., CVPR 2018: ``identity`` and
-``leaky_relu`` without a residual). ``x`` is freed after the forward: ``act`` is invertible, so
-``y = z`` where ``z >= 0``, ``z / s`` elsewhere, and ``act'(p)`` is read from the sign of
-``z``. With ``u = y - beta = gamma * rstd * xc`` and ``ig = 1 / gamma``::
+``leaky_relu``). ``x`` is freed after the forward: ``act`` is invertible, so
+``p = z`` where ``z >= 0``, ``z / s`` elsewhere, ``y = p - r``, and ``act'(p)`` is read from
+the sign of ``z``. With a residual the backward also reads ``r``, an input that a ResNet
+keeps anyway (the identity shortcut is the block's input, which its first convolution
+keeps), so the op itself keeps nothing x-sized beyond ``z``. With ``u = y - beta = gamma * rstd * xc`` and ``ig = 1 / gamma``::
 
     T  = sum(g * u)                   # one reduce with S1 = sum(g), over z and dz
     S2 = sum(g * xc) = T * ig / rstd
@@ -30,7 +32,7 @@ with ``k0``, ``k1`` of ``jaxbn._core`` (``k1`` needs the psum'd ``S2``). ``gamma
 InPlace-ABN makes the layer's scale ``|gamma| + eps`` in the forward, which changes the
 function; here the forward stays ``batch_norm``'s and the backward is exact in exact
 arithmetic for any ``gamma != 0``. In floats ``u`` carries the rounding of ``y`` and of
-``y - beta``, about ``ulp(|y| + |beta|)``, so ``xc`` is off by that over ``|gamma| rstd``:
+``y - beta`` (and of ``p - r``), about ``ulp(|y| + |beta| + |r|)``, so ``xc`` is off by that over ``|gamma| rstd``:
 small features' gradients lose ``log2((|y| + |beta|) / |gamma xhat|)`` bits. Where
 ``|gamma| <= sqrt(tiny)`` (1e-19 in float32) ``ig = 0``: ``z`` is then ``act(beta)``
 and holds no ``xhat``, so ``dgamma = 0`` and ``dx`` lacks the ``dvar`` term (``dx``,
@@ -47,6 +49,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxbn import _checks, _cpu
 from jaxbn._batch_norm import _config, _eval, _update, _vary_like_x, unbiased
@@ -102,9 +105,10 @@ def _g_u(spec: _Spec, dz, big, pos, v: _Vec):
     dt = compute_dtype(big.dtype)
     e = functools.partial(expand, ndim=big.ndim, feature_axes=axes)
     bf = big.astype(dt)
-    if spec.keep == "z":
-        pos = bf >= 0
-        y = bf if spec.activation == "identity" else jnp.where(pos, bf, bf / spec.slope)
+    if spec.keep == "z":  # pos holds the residual r, if any: y = act^-1(z) - r
+        r, pos = pos, bf >= 0
+        p = bf if spec.activation == "identity" else jnp.where(pos, bf, bf / spec.slope)
+        y = p if r is None else p - r.astype(dt)
         u = y if v.beta is None else y - e(v.beta.astype(dt))
     else:
         if pos is None and spec.activation != "identity":  # no residual: p = y, recomputed
@@ -119,6 +123,15 @@ def _g_u(spec: _Spec, dz, big, pos, v: _Vec):
 def _sums(spec: _Spec, dz, big, pos, v: _Vec, *, cpu, fused=True):
     """This device's ``(sum(g), sum(g * u))``, feature shape."""
     red = reduced_axes(big.ndim, spec.cfg.axes)
+    if cpu and spec.keep == "x":
+        # XLA:CPU runs a reduction with a select inside 2-3x slower than a plain sum, so
+        # here g is written once (one pass, as an unfused dy), and its two sums are the
+        # core's CPU sums of dy = g (jaxbn._cpu), returned as sum(g * (x - shift)).
+        g = lax.optimization_barrier(_g_u(spec, dz, big, pos, v)[0])
+        (g1, _, _), (g2, x2, sh2) = _cpu.copies((g, big, v.shift), 2)
+        s1 = jnp.reshape(jnp.sum(g1, red), v.rstd.shape)
+        s2 = _cpu.sum_dy_xc(g2, x2, sh2, v.delta, v.rstd, s1, spec.cfg.axes)
+        return s1, jnp.reshape(s2, v.rstd.shape) + v.delta * s1
     if cpu:  # XLA:CPU: each sum its own fusion and inputs (jaxbn._cpu)
         (g1, _), (g2, u2) = (_g_u(spec, *c) for c in _cpu.copies((dz, big, pos, v), 2))
         s1, s2 = jnp.sum(g1, red), jnp.sum(g2 * u2, red)
@@ -131,8 +144,8 @@ def _sums(spec: _Spec, dz, big, pos, v: _Vec, *, cpu, fused=True):
 
 def _dx(spec: _Spec, dz, big, pos, v: _Vec, a, k0, k1, mask, *, cpu, fused=True):
     """``dx = a * g + m * (k0 + k1 * u)`` and ``dr = g``, in one pass."""
-    if cpu:
-        dz, big, pos, v = _cpu.copies((dz, big, pos, v), 1)[0]
+    if cpu:  # the vectors too: a broadcast the forward's pass shares would be written out
+        dz, big, pos, v, a, k0, k1 = _cpu.copies((dz, big, pos, v, a, k0, k1), 1)[0]
     e = functools.partial(expand, ndim=big.ndim, feature_axes=spec.cfg.axes)
     g, u = _g_u(spec, dz, big, pos, v)
     stat = e(k0) + u * e(k1)
@@ -149,8 +162,8 @@ def _forward(spec: _Spec, x, gamma, beta, residual, mask, fallback):
     (y, mean, var, n), res = _fwd(spec.cfg, x, gamma, beta, mask, None, fallback)
     p = y if residual is None else y + residual
     z = _act(spec, p)
-    if spec.keep == "z":  # shift and delta are not needed: u comes from z
-        v, big, pos = _Vec(None, None, res.rstd, gamma, beta), z, None
+    if spec.keep == "z":  # shift and delta are not needed: u comes from z (and r)
+        v, big, pos = _Vec(None, None, res.rstd, gamma, beta), z, residual
     else:
         v, big = _Vec(res.shift, res.delta, res.rstd, gamma, beta), x
         recompute = residual is None or spec.activation == "identity"
@@ -253,8 +266,9 @@ def batch_norm_act(
     hand-derived backward never writes ``dL/dy`` and keeps ``x`` alone (``relu``, or any
     activation with a residual: plus one byte per value of ``sign(y + residual)`` for
     ``relu``/``leaky_relu``) or, with ``inplace=True``, the output ``z`` alone
-    (``identity`` and ``leaky_relu`` without a residual, as InPlace-ABN). See
-    ``jaxbn._act`` for the derivation.
+    (``identity`` and ``leaky_relu``, as InPlace-ABN; with a residual, also the
+    residual, an input the caller usually keeps anyway). See ``jaxbn._act`` for the
+    derivation.
 
     Args:
       x, gamma, beta, state, training, axis, momentum, eps, axis_name,
@@ -262,8 +276,8 @@ def batch_norm_act(
       activation: ``"relu"``, ``"leaky_relu"`` or ``"identity"``.
       negative_slope: leaky_relu's slope for negative inputs, a number > 0.
       residual: None, or an array of x's shape and dtype added before the activation.
-      inplace: keep only ``z`` for the backward, so ``x`` can be freed after the
-        forward (InPlace-ABN). Opt-in: where ``|gamma| <= sqrt(tiny)`` (a zero-initialized
+      inplace: keep only ``z`` (and ``residual``) for the backward, so ``x`` can be
+        freed after the forward (InPlace-ABN); not with ``"relu"``. Opt-in: where ``|gamma| <= sqrt(tiny)`` (a zero-initialized
         gamma) ``z`` holds no ``xhat``, and ``dgamma`` is 0 there instead of its value.
       custom_vjp: the hand-derived backward (default), or JAX's autodiff of the same
         forward (False), which pure forward mode (``jax.jvp``) needs.
@@ -288,11 +302,10 @@ def batch_norm_act(
     momentum = _checks.check_momentum(momentum)
     slope = _check_activation(activation, negative_slope)
     residual = _check_residual(residual, x)
-    if inplace and (residual is not None or activation == "relu"):
+    if inplace and activation == "relu":
         raise ValueError(
-            f"inplace=True recovers the input from the output, which needs an invertible "
-            f"activation and no residual; got activation={activation!r} and "
-            f"{'a' if residual is not None else 'no'} residual."
+            "inplace=True recovers the input from the output, which needs an invertible "
+            "activation ('leaky_relu' or 'identity'); got activation='relu'."
         )
     keep = "z" if inplace else "x"
     spec = _Spec(cfg, activation, slope, keep, residual is not None)

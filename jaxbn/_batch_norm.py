@@ -10,6 +10,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxbn import _checks
+from jaxbn._compat import pvary, varying_axes
 from jaxbn._core import (
     _FORWARD_MODE_HINT,
     BatchNormResiduals,
@@ -69,9 +70,8 @@ def _vary_like_x(v, x):
     """
     if v is None:
         return v
-    varying = lambda t: getattr(getattr(jax.typeof(t), "mat", None), "varying", frozenset())  # noqa: E731
-    missing = tuple(sorted(set(varying(x)) - set(varying(v)), key=str))
-    return lax.pcast(v, missing, to="varying") if missing else v
+    missing = tuple(sorted(varying_axes(x) - varying_axes(v), key=str))
+    return pvary(v, missing) if missing else v
 
 
 def _update(state: BatchNormState, mean, var, seen, momentum) -> BatchNormState:
@@ -316,6 +316,9 @@ def batch_norm_fwd(
     mask: ArrayLike | None = None,
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], BatchNormResiduals]:
     """The training-mode forward of the custom rule, for inspection and notebooks.
+
+    Args:
+      x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask: as for :func:`batch_norm`.
 
     Returns:
       ``((y, mean, var, count), residuals)``: the normalized output, the batch

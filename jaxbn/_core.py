@@ -73,7 +73,19 @@ _FORWARD_MODE_HINT = (
 
 
 class BatchNormResiduals(NamedTuple):
-    """What the forward keeps for the backward: ``x`` and per-feature vectors."""
+    """What the forward keeps for the backward: ``x`` and per-feature vectors.
+
+    Attributes:
+      x: the input, any shape, its own dtype.
+      shift: feature shape: the shift of the sums (see ``jaxbn._stats``).
+      delta: feature shape: ``mean - shift``.
+      rstd: feature shape: ``(var + eps) ** -0.5``.
+      gamma: feature shape, or None without a scale.
+      mask: boolean, broadcastable to ``x``, or None.
+      count: ``()`` or feature shape: the values counted, over all devices.
+      r: feature shape: batch renormalization's ``r``, or None.
+      d: feature shape: batch renormalization's ``d``, or None.
+    """
 
     x: jax.Array  # input, any shape, its own dtype.
     shift: jax.Array  # feature shape: see jaxbn._stats.

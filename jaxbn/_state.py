@@ -11,7 +11,14 @@ from jaxbn._checks import check_state_dtype, feature_shape_of
 
 
 class BatchNormState(NamedTuple):
-    """Running statistics, threaded through training as a value and never mutated."""
+    """Running statistics, threaded through training as a value and never mutated.
+
+    Attributes:
+      mean: running mean, feature shape, float32 or float64.
+      var: running biased variance, feature shape, the dtype of ``mean``.
+      count: ``()`` int32: the training updates folded in so far (optax's name;
+        it shadows ``tuple.count``).
+    """
 
     mean: jax.Array  # feature shape, float32 or float64: running mean.
     var: jax.Array  # feature shape, same dtype as mean: running biased variance.

@@ -59,6 +59,12 @@ class BatchNorm(nnx.Module):
       ``promote_dtype`` is applied to ``x``, ``scale`` and ``bias`` only.
     - The gradient is jaxbn's hand-derived backward.
 
+    The last eight arguments are jaxbn's options, with defaults that keep the module
+    a drop-in for Flax's. ``momentum=None`` keeps a cumulative average and adds a
+    ``count`` ``nnx.BatchStat``; ``activation="relu"`` (or ``"leaky_relu"``,
+    ``"identity"``) returns ``activation(y + residual)`` computed by
+    :func:`jaxbn.batch_norm_act`, with the same variables.
+
     Args:
       num_features: ``x.shape[axis]``; a tuple of sizes for several feature axes.
       use_running_average: True normalizes with the stored statistics; a value
@@ -84,12 +90,7 @@ class BatchNorm(nnx.Module):
       rngs: :class:`flax.nnx.Rngs` for the initializers.
       bias_metadata: metadata for the ``bias`` ``nnx.Param``.
       scale_metadata: metadata for the ``scale`` ``nnx.Param``.
-      unbiased_running_var, renorm, virtual_batch_size, frozen, custom_vjp,
-        activation, negative_slope, inplace:
-        jaxbn's options, with defaults that keep the module a drop-in for Flax's; as for
-        :class:`jaxbn.linen.BatchNorm` (``activation="relu"`` returns
-        ``relu(y + residual)`` from :func:`jaxbn.batch_norm_act`). ``momentum=None`` keeps a cumulative
-        average and adds a ``count`` ``nnx.BatchStat``.
+      unbiased_running_var, renorm, virtual_batch_size, frozen, custom_vjp, activation, negative_slope, inplace: as for :class:`jaxbn.linen.BatchNorm`.
 
     Raises:
       TypeError, ValueError: if ``num_features`` is not a positive int (or a

@@ -25,3 +25,27 @@ def program(request):
 
     with use_clean_program() if request.param == "clean" else contextlib.nullcontext():
         yield request.param
+
+
+# The notebooks, slowest first: with pytest-xdist each runs on its own worker, first.
+NOTEBOOKS_SLOWEST_FIRST = ("02_", "03_", "01_", "04_")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Schedules for two xdist workers (pyproject: ``--dist loadgroup``).
+
+    Each test file is one group, run on one worker (its compiled programs are shared
+    by its tests), but for the notebooks: each is its own group, and they go first,
+    slowest first, so that the longest jobs do not start last.
+    """
+
+    def notebook_rank(item):
+        if "test_notebook_runs" not in item.nodeid:
+            return len(NOTEBOOKS_SLOWEST_FIRST)
+        return next(i for i, p in enumerate(NOTEBOOKS_SLOWEST_FIRST) if p in item.nodeid)
+
+    for item in items:
+        rank = notebook_rank(item)
+        group = item.nodeid if rank < len(NOTEBOOKS_SLOWEST_FIRST) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=notebook_rank)  # stable: the rest keep their order

@@ -47,7 +47,7 @@ def fused(act, axis, mask, state, **kw):
     """The op, keeping z (inplace) wherever it can, so that both paths are tested."""
 
     def f(x, gamma, beta, r):
-        kw.setdefault("inplace", act != "relu" and r is None)
+        kw.setdefault("inplace", act != "relu")
         z, st = jaxbn.batch_norm_act(
             x, gamma, beta, state, training=True, activation=act, negative_slope=SLOPE,
             residual=r, axis=axis, mask=mask, **kw,
@@ -77,25 +77,27 @@ def composed(act, axis, mask, state):
         ("identity", True, "nchw_masked", False),
         ("relu", True, "nchw_masked", True),  # the clean program: keep x, then keep z
         ("leaky_relu", False, "nchw_masked", True),
+        ("leaky_relu", True, "nchw_masked", "keep x"),  # x and the sign of p, not z and r
     ],
 )
 def test_gradients_equal_the_composition(act, with_residual, layout, clean):
     from jaxbn._platform import use_clean_program
 
-    with use_clean_program() if clean else contextlib.nullcontext():
+    kw = dict(inplace=False) if clean == "keep x" else {}
+    with use_clean_program() if clean is True else contextlib.nullcontext():
         for dtype in (jnp.float64, jnp.float32):
             with jax.enable_x64(True):
-                _check_gradients(act, with_residual, layout, dtype)
+                _check_gradients(act, with_residual, layout, dtype, **kw)
 
 
-def _check_gradients(act, with_residual, layout, dtype):
+def _check_gradients(act, with_residual, layout, dtype, **kw):
     x, gamma, beta, r, dz, mask, axis = make(layout, dtype)
     r = r if with_residual else None
     st = jaxbn.init_state(x.shape[axis], dtype)
     rs = np.random.RandomState(1)
     cts = (dz, *(jnp.asarray(rs.randn(x.shape[axis]), dtype) for _ in range(2)))
     vjp = lambda f: jax.jit(lambda *a: jax.vjp(f, *a)[1](cts))  # noqa: E731
-    got = vjp(fused(act, axis, mask, st))(x, gamma, beta, r)
+    got = vjp(fused(act, axis, mask, st, **kw))(x, gamma, beta, r)
     want = vjp(composed(act, axis, mask, st))(x, gamma, beta, r)
     for name, a, b in zip(("x", "gamma", "beta", "r"), got, want):
         assert (a is None) == (b is None) == (name == "r" and not with_residual)
@@ -137,7 +139,8 @@ def test_gamma_near_zero_keeping_z():
     [
         ("relu", False, "x", 1.0),
         ("relu", True, "x", 1.25),  # x and one byte of sign per value
-        ("identity", True, "x", 1.0),
+        ("identity", True, "zr", 2.0),  # z and the residual (an input kept anyway)
+        ("leaky_relu", True, "zr", 2.0),
         ("leaky_relu", False, "z", 1.0),
         ("identity", False, "z", 1.0),
     ],
@@ -153,9 +156,10 @@ def test_residual_bytes(act, with_residual, kept, full):
     assert measured["all"] < full + 0.1, measured
     _, vjp = jax.vjp(f, x, gamma, beta)
     big = [v for v in jax.tree.leaves(vjp) if v.size == x.size and v.dtype == x.dtype]
-    assert len(big) == 1
-    want = x if kept == "x" else f(x, gamma, beta)[0]
-    np.testing.assert_array_equal(big[0], want)
+    want = {"x": [x], "z": [f(x, gamma, beta)[0]], "zr": [f(x, gamma, beta)[0], r]}[kept]
+    assert len(big) == len(want)
+    for got in want:  # each kept array is one of the leaves
+        assert any(np.array_equal(b, got) for b in big)
 
 
 @pytest.mark.parametrize("act", list(ACTS))
@@ -253,8 +257,8 @@ def test_by_default_x_is_kept_and_a_zero_gamma_gets_its_gradient():
 ST3 = jaxbn.init_state(3)
 
 
-@pytest.mark.parametrize("act, residual", [("relu", False), ("leaky_relu", True)])
-def test_inplace_needs_an_invertible_activation_and_no_residual(act, residual):
+@pytest.mark.parametrize("act, residual", [("relu", False), ("relu", True)])
+def test_inplace_needs_an_invertible_activation(act, residual):
     x = jnp.ones((4, 3))
     r = jnp.ones((4, 3)) if residual else None
     with pytest.raises(ValueError, match="inplace=True recovers the input from the output"):

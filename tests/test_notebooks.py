@@ -22,6 +22,7 @@ NAMES = [
     "02_what_batch_norm_buys",
     "03_data_parallel_functional_training",
     "04_deploy_population_stats_and_folding",
+    "05_fused_batch_norm_activation",
 ]
 HANG_GUARD_S = 1800  # per cell; whole notebooks take about 12 to 70 s on 2 quiet CPU cores
 
