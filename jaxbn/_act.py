@@ -132,19 +132,18 @@ def _sums(spec: _Spec, dz, big, pos, v: _Vec, *, cpu, fused=True):
         s1 = jnp.reshape(jnp.sum(g1, red), v.rstd.shape)
         s2 = _cpu.sum_dy_xc(g2, x2, sh2, v.delta, v.rstd, s1, spec.cfg.axes)
         return s1, jnp.reshape(s2, v.rstd.shape) + v.delta * s1
-    if cpu:  # XLA:CPU: each sum its own fusion and inputs (jaxbn._cpu)
-        (g1, _), (g2, u2) = (_g_u(spec, *c) for c in _cpu.copies((dz, big, pos, v), 2))
-        s1, s2 = jnp.sum(g1, red), jnp.sum(g2 * u2, red)
-    else:
-        g, u = _g_u(spec, dz, big, pos, v)
-        ops = (g, g * u)
-        s1, s2 = variadic_sum(ops, red) if fused else (jnp.sum(o, red) for o in ops)
+    # Keeping z (a memory option), XLA:CPU too gets the one variadic reduce: separate
+    # sums, with or without barrier copies, write g and u out (measured: a ResNet-18
+    # step's temporary memory then exceeds that of keeping x).
+    g, u = _g_u(spec, dz, big, pos, v)
+    ops = (g, g * u)
+    s1, s2 = variadic_sum(ops, red) if fused else (jnp.sum(o, red) for o in ops)
     return jnp.reshape(s1, v.rstd.shape), jnp.reshape(s2, v.rstd.shape)
 
 
 def _dx(spec: _Spec, dz, big, pos, v: _Vec, a, k0, k1, mask, *, cpu, fused=True):
     """``dx = a * g + m * (k0 + k1 * u)`` and ``dr = g``, in one pass."""
-    if cpu:  # the vectors too: a broadcast the forward's pass shares would be written out
+    if cpu and spec.keep == "x":  # the vectors too: a broadcast the forward shares is written out
         dz, big, pos, v, a, k0, k1 = _cpu.copies((dz, big, pos, v, a, k0, k1), 1)[0]
     e = functools.partial(expand, ndim=big.ndim, feature_axes=spec.cfg.axes)
     g, u = _g_u(spec, dz, big, pos, v)
