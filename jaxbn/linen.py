@@ -130,8 +130,8 @@ class BatchNorm(nn.Module):
         ``renorm`` or ``virtual_batch_size``.
       negative_slope: leaky_relu's slope for negative inputs (> 0; default 0.01,
         ``nn.leaky_relu``'s).
-      inplace: with ``activation="leaky_relu"`` or ``"identity"`` and no
-        residual, keep only the output for the backward (InPlace-ABN; see
+      inplace: with ``activation="leaky_relu"`` or ``"identity"``, keep only the
+        output (and the residual, if given) for the backward (InPlace-ABN; see
         :func:`jaxbn.batch_norm_act` for what it costs at ``scale`` near 0).
 
     The last eight are jaxbn's options (see :func:`jaxbn.batch_norm`), with

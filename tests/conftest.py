@@ -28,7 +28,7 @@ def program(request):
 
 
 # The notebooks, slowest first: with pytest-xdist each runs on its own worker, first.
-NOTEBOOKS_SLOWEST_FIRST = ("02_", "03_", "01_", "04_")
+NOTEBOOKS_SLOWEST_FIRST = ("02_", "03_", "01_", "04_", "05_")
 
 
 def pytest_collection_modifyitems(config, items):
