@@ -58,7 +58,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,11 @@ class Moments(NamedTuple):
         return self.shift + self.delta
 
 
-def standard_promotion(fn):
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def standard_promotion(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Runs ``fn`` under JAX's standard dtype promotion, whatever the user's setting.
 
     jaxbn mixes dtypes on purpose (a bfloat16 ``x`` with float32 statistics, an int32
@@ -91,7 +96,7 @@ def standard_promotion(fn):
     """
 
     @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
+    def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with jax.numpy_dtype_promotion("standard"):
             return fn(*args, **kwargs)
 

@@ -101,6 +101,9 @@ EXTRAS = {
     "virtual_batch_size": None,
     "frozen": False,
     "custom_vjp": True,
+    "activation": None,
+    "negative_slope": 0.01,
+    "inplace": False,
 }
 
 
