@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn._compat import InconclusiveDimensionOperation
+
 
 def feature_shape_of(num_features) -> tuple[int, ...]:
     """Validates ``num_features`` (an int or tuple of ints) and returns it as a shape."""
@@ -209,7 +211,7 @@ def check_batch_size(
     devices = 1 if axis_name is None else axis_size(axis_name, groups)
     try:
         empty, too_few = n == 0, n * devices <= 1
-    except jax.errors.InconclusiveDimensionOperation:  # symbolic (jax.export): known at run time
+    except InconclusiveDimensionOperation:  # symbolic (jax.export): known at run time
         empty = too_few = False
     if empty:
         raise ValueError(

@@ -1,15 +1,26 @@
 """The jax APIs whose spelling changed between jaxbn's oldest supported jax and the newest.
 
-jaxbn supports jax 0.8.0 and newer (pyproject.toml); CI tests the floor and the newest
-release. Everything that differs between them is here, each with the version that lets
-it go. (Below 0.8.0 more is missing: ``jax.make_user_context`` before 0.7.2, the
-top-level ``jax.enable_x64`` before 0.8.0.)
+jaxbn supports jax 0.8.1 and newer (pyproject.toml; flax 0.12.1, the floor of the flax
+extra, needs it, and jaxbn alone runs on 0.8.0 too). ``.ci/run`` tests the floors and
+the newest releases. Everything that differs between them is here, each shim with the
+version that lets it go. Older jax lacks more: the top-level ``jax.enable_x64`` before
+0.8.0, ``jax.make_user_context`` (``jaxbn._platform``) before 0.7.2.
 """
 
 from __future__ import annotations
 
 import jax
 from jax import lax
+
+__all__ = ["InconclusiveDimensionOperation", "pvary", "varying_axes"]
+
+try:  # raised by a comparison of symbolic dimensions (jax.export)
+    from jax.errors import InconclusiveDimensionOperation  # jax >= 0.10.2
+except ImportError:
+    try:
+        from jax.extend.core import InconclusiveDimensionOperation  # jax 0.10.0, 0.10.1
+    except ImportError:
+        from jax.core import InconclusiveDimensionOperation  # jax < 0.10 (deprecated there)
 
 
 def varying_axes(x) -> frozenset:
@@ -33,4 +44,4 @@ def pvary(x, axes: tuple):
     """
     if hasattr(lax, "pcast"):
         return lax.pcast(x, axes, to="varying")
-    return lax.pvary(x, axes)  # jax < 0.8.2
+    return lax.pvary(x, axes)  # type: ignore[attr-defined]  # jax < 0.8.2

@@ -229,8 +229,11 @@ def test_linen_init_in_training_normalizes_with_the_batch_as_flax(masked):
 
 # Item 4: hijax variables.
 
+HIJAX = hasattr(nnx, "with_vars")  # flax >= 0.12.8: not at the floor, 0.12.1 (pyproject.toml)
 
-@nnx.var_defaults(hijax=True)
+
+@pytest.mark.skipif(not HIJAX, reason="hijax variables need flax >= 0.12.8 (nnx.with_vars)")
+@(nnx.var_defaults(hijax=True) if HIJAX else lambda test: test)
 def test_nnx_hijax_variables_train_with_jax_grad_as_flax():
     # Flax's nnx/integration_test.py::test_example_mutable_arrays
     x, labels = randn(0, (8, 2)), randn(1, (8, 3))
