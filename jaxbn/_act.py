@@ -21,7 +21,8 @@ Keep ``z`` (``inplace=True``; InPlace-ABN, Rota Bulo et al., CVPR 2018: ``identi
 ``p = z`` where ``z >= 0``, ``z / s`` elsewhere, ``y = p - r``, and ``act'(p)`` is read from
 the sign of ``z``. With a residual the backward also reads ``r``, an input that a ResNet
 keeps anyway (the identity shortcut is the block's input, which its first convolution
-keeps), so the op itself keeps nothing x-sized beyond ``z``. With ``u = y - beta = gamma * rstd * xc`` and ``ig = 1 / gamma``::
+keeps), so the op itself keeps nothing x-sized beyond ``z``. With
+``u = y - beta = gamma * rstd * xc`` and ``ig = 1 / gamma``::
 
     T  = sum(g * u)                   # one reduce with S1 = sum(g), over z and dz
     S2 = sum(g * xc) = T * ig / rstd
@@ -32,7 +33,8 @@ with ``k0``, ``k1`` of ``jaxbn._core`` (``k1`` needs the psum'd ``S2``). ``gamma
 InPlace-ABN makes the layer's scale ``|gamma| + eps`` in the forward, which changes the
 function; here the forward stays ``batch_norm``'s and the backward is exact in exact
 arithmetic for any ``gamma != 0``. In floats ``u`` carries the rounding of ``y`` and of
-``y - beta`` (and of ``p - r``), about ``ulp(|y| + |beta| + |r|)``, so ``xc`` is off by that over ``|gamma| rstd``:
+``y - beta`` (and of ``p - r``), about ``ulp(|y| + |beta| + |r|)``, so ``xc`` is off by
+that over ``|gamma| rstd``:
 small features' gradients lose ``log2((|y| + |beta|) / |gamma xhat|)`` bits. Where
 ``|gamma| <= sqrt(tiny)`` (1e-19 in float32) ``ig = 0``: ``z`` is then ``act(beta)``
 and holds no ``xhat``, so ``dgamma = 0`` and ``dx`` lacks the ``dvar`` term (``dx``,
@@ -49,7 +51,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxbn import _checks, _cpu
 from jaxbn._batch_norm import _config, _eval, _update, _vary_like_x, unbiased
@@ -126,8 +127,9 @@ def _sums(spec: _Spec, dz, big, pos, v: _Vec, *, cpu, fused=True):
     if cpu and spec.keep == "x":
         # XLA:CPU runs a reduction with a select inside 2-3x slower than a plain sum, so
         # here g is written once (one pass, as an unfused dy), and its two sums are the
-        # core's CPU sums of dy = g (jaxbn._cpu), returned as sum(g * (x - shift)).
-        g = lax.optimization_barrier(_g_u(spec, dz, big, pos, v)[0])
+        # core's CPU sums of dy = g (jaxbn._cpu), returned as sum(g * (x - shift)). The
+        # copies' barrier is what makes XLA write g: its operand is one value.
+        g = _g_u(spec, dz, big, pos, v)[0]
         (g1, _, _), (g2, x2, sh2) = _cpu.copies((g, big, v.shift), 2)
         s1 = jnp.reshape(jnp.sum(g1, red), v.rstd.shape)
         s2 = _cpu.sum_dy_xc(g2, x2, sh2, v.delta, v.rstd, s1, spec.cfg.axes)
@@ -276,8 +278,9 @@ def batch_norm_act(
       negative_slope: leaky_relu's slope for negative inputs, a number > 0.
       residual: None, or an array of x's shape and dtype added before the activation.
       inplace: keep only ``z`` (and ``residual``) for the backward, so ``x`` can be
-        freed after the forward (InPlace-ABN); not with ``"relu"``. Opt-in: where ``|gamma| <= sqrt(tiny)`` (a zero-initialized
-        gamma) ``z`` holds no ``xhat``, and ``dgamma`` is 0 there instead of its value.
+        freed after the forward (InPlace-ABN); not with ``"relu"``. Opt-in: where
+        ``|gamma| <= sqrt(tiny)`` (a zero-initialized gamma) ``z`` holds no ``xhat``,
+        and ``dgamma`` is 0 there instead of its value.
       custom_vjp: the hand-derived backward (default), or JAX's autodiff of the same
         forward (False), which pure forward mode (``jax.jvp``) needs.
 
