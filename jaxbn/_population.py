@@ -15,6 +15,7 @@ statistics or an EMA.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import jax
@@ -70,15 +71,7 @@ def population_stats(
             raise ImportError("progress=True needs tqdm: pip install tqdm.") from err
         batches = tqdm(batches, desc="population statistics", unit="batch")
 
-    @jax.jit
-    def batch_moments(xs):
-        out = []
-        for x in xs:
-            axes = _checks.normalize_axes(axis, x.ndim)
-            mo = _moments(_Config(axes, 1e-5, None, None, None), x, None)
-            out.append((mo.count, mo.shift, mo.delta, mo.var))
-        return out
-
+    static_axis = tuple(axis) if isinstance(axis, (list, tuple)) else axis
     acc, treedef, num = None, None, 0
     for batch in batches:
         xs, td = jax.tree.flatten(fn(batch))
@@ -90,7 +83,7 @@ def population_stats(
                     f"fn returned an array of shape {x.shape} with no values to count for "
                     f"batch {num}; expected at least one value per feature."
                 )
-        leaves = batch_moments(xs)
+        leaves = _batch_moments(static_axis, xs)
         # the mean as shift + delta in float64: a float32 mean alone loses ulp(mean) / 2
         leaves = [
             (
@@ -119,6 +112,18 @@ def population_stats(
         for n, m, m2 in acc
     ]
     return jax.tree.unflatten(treedef, states)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_moments(axis, xs):
+    """Per leaf: count, shift, delta and variance of one batch. At module level, so
+    that calls of population_stats with the same shapes reuse one compiled program."""
+    out = []
+    for x in xs:
+        axes = _checks.normalize_axes(axis, x.ndim)
+        mo = _moments(_Config(axes, 1e-5, None, None, None), x, None)
+        out.append((mo.count, mo.shift, mo.delta, mo.var))
+    return out
 
 
 def _merge(a, b):

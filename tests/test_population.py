@@ -63,3 +63,16 @@ def test_errors():
         ValueError, match="fn returned a different structure or feature shape for batch 1"
     ):
         jaxbn.population_stats(lambda b: b, [np.ones((2, 3)), np.ones((2, 4))])
+
+
+def test_repeated_calls_reuse_one_compiled_program():
+    # a training loop that recomputes the statistics every epoch must not recompile
+    from jaxbn import _population
+
+    data = batches([8, 8])
+    _population._batch_moments.clear_cache()
+    first = jaxbn.population_stats(lambda b: b, data, axis=[-1])
+    again = jaxbn.population_stats(lambda b: b * 2.0, data, axis=(-1,))
+    assert _population._batch_moments._cache_size() == 1
+    np.testing.assert_allclose(again.mean, 2 * first.mean, rtol=1e-6)
+    np.testing.assert_allclose(again.var, 4 * first.var, rtol=1e-5)
