@@ -1,5 +1,6 @@
 """Oracles that share no code with jaxbn: plain-jnp batch norm and NumPy float64 statistics."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,3 +48,17 @@ def np_stats(x, axis=-1, mask=None):
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+def vjp_jit(f, primals, cotangents):
+    """``(f(*primals), vjp(cotangents))`` as one jitted program.
+
+    Most of the suite's time is XLA compiling: run eagerly, a vjp compiles every
+    primitive on its own (seconds per case); jitted, each case compiles once.
+    """
+
+    def run(primals, cotangents):
+        out, pullback = jax.vjp(f, *primals)
+        return out, pullback(cotangents)
+
+    return jax.jit(run)(primals, cotangents)

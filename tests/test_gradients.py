@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
-from reference import bn_ref, reduce_axes, rel_err
+from reference import bn_ref, reduce_axes, rel_err, vjp_jit
 
 import jaxbn
 from jaxbn._core import _bwd as _real_bwd
@@ -68,11 +68,11 @@ def test_vjp_matches_reference(dtype, shape, axis, affine, masked):
         def ref(x, gamma, beta):
             return bn_ref(x, gamma, beta, axis, mask=mask)
 
-        out, vjp = jax.vjp(ours, x, gamma, beta)
-        out_ref, vjp_ref = jax.vjp(ref, x, gamma, beta)
+        out, grads = vjp_jit(ours, (x, gamma, beta), cts)
+        out_ref, grads_ref = vjp_jit(ref, (x, gamma, beta), cts)
         for a, b in zip(out, out_ref):
             assert rel_err(a, b) < TOL[dtype]
-        for a, b in zip(vjp(cts), vjp_ref(cts)):
+        for a, b in zip(grads, grads_ref):
             if b is None:
                 assert a is None
             else:
@@ -91,7 +91,7 @@ def test_check_grads_second_order(shape, axis):
             )
             return y * w
 
-        check_grads(f, (x, gamma, beta), order=2, modes=["rev"])
+        check_grads(jax.jit(f), (x, gamma, beta), order=2, modes=["rev"])
 
 
 def test_grad_of_grad_matches_reference(program):
@@ -106,7 +106,7 @@ def test_grad_of_grad_matches_reference(program):
         )  # noqa: E731
         loss_ref = lambda x, g: jnp.sum(jnp.sin(bn_ref(x, g, beta)[0]) * w)  # noqa: E731
         outer = lambda f: jax.grad(lambda x, g: jnp.sum(jax.grad(f, (0, 1))(x, g)[0] ** 2), (0, 1))  # noqa: E731
-        for a, b in zip(outer(loss)(x, gamma), outer(loss_ref)(x, gamma)):
+        for a, b in zip(jax.jit(outer(loss))(x, gamma), jax.jit(outer(loss_ref))(x, gamma)):
             assert rel_err(a, b) < 1e-10
 
 
@@ -121,8 +121,8 @@ def test_value_and_grad_uses_the_custom_rule(monkeypatch):
         jaxbn.batch_norm(x, g, b, jaxbn.init_state(5), training=True)[0] * w
     )  # noqa: E731
     (v, g), (v_ref, g_ref) = (
-        jax.value_and_grad(f, (0, 1, 2))(x, gamma, beta),
-        jax.value_and_grad(lambda x, g, b: jnp.sum(bn_ref(x, g, b)[0] * w), (0, 1, 2))(
+        jax.jit(jax.value_and_grad(f, (0, 1, 2)))(x, gamma, beta),
+        jax.jit(jax.value_and_grad(lambda x, g, b: jnp.sum(bn_ref(x, g, b)[0] * w), (0, 1, 2)))(
             x, gamma, beta
         ),
     )
@@ -182,8 +182,8 @@ def test_forward_over_reverse_hessian_and_hvp(custom):
     with jax.enable_x64(True):
         x, w, loss, ref = _forward_mode_case()
         f = lambda x: loss(x, custom)  # noqa: E731
-        assert rel_err(jax.hessian(f)(x), jax.hessian(ref)(x)) < 1e-10
-        hvp = lambda f: jax.jvp(jax.grad(f), (x,), (w,))[1]  # noqa: E731
+        assert rel_err(jax.jit(jax.hessian(f))(x), jax.jit(jax.hessian(ref))(x)) < 1e-10
+        hvp = jax.jit(lambda f: jax.jvp(jax.grad(f), (x,), (w,))[1], static_argnums=0)
         assert rel_err(hvp(f), hvp(ref)) < 1e-10
 
 
@@ -194,7 +194,7 @@ def test_bfloat16_gradients_keep_dtypes():
     f = lambda x, g, b: jnp.sum(
         jaxbn.batch_norm(x, g, b, jaxbn.init_state(8), training=True)[0].astype(jnp.float32) * w
     )  # noqa: E731
-    grads = jax.grad(f, (0, 1, 2))(xb, gb, bb)
+    grads = jax.jit(jax.grad(f, (0, 1, 2)))(xb, gb, bb)
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
     grads_ref = jax.grad(lambda x, g, b: jnp.sum(bn_ref(x, g, b)[0] * w), (0, 1, 2))(
         *(v.astype(jnp.float32) for v in (xb, gb, bb))
@@ -214,11 +214,11 @@ def test_float32_dx_accurate_on_both_sides_of_the_backward_limit(ratio, program)
     x, dy = jnp.asarray(x64, jnp.float32), jnp.asarray(dy64, jnp.float32)
     gamma = jnp.asarray(rs.rand(16) + 0.5, jnp.float32)
     f = lambda x: jaxbn.batch_norm(x, gamma, None, jaxbn.init_state(16), training=True)[0]  # noqa: E731
-    dx = jax.vjp(f, x)[1](dy)[0]
+    dx = vjp_jit(f, (x,), dy)[1][0]
     with jax.enable_x64(True):
         g64 = gamma.astype(jnp.float64)
-        _, vjp = jax.vjp(lambda x: bn_ref(x, g64, None)[0], x.astype(jnp.float64))
-        dx_ref = vjp(dy.astype(jnp.float64))[0]
+        f_ref = lambda x: bn_ref(x, g64, None)[0]  # noqa: E731
+        dx_ref = vjp_jit(f_ref, (x.astype(jnp.float64),), dy.astype(jnp.float64))[1][0]
     # XLA:CPU runs the clean program's variadic reduces as one sequential loop (error
     # ~ sqrt(n) ulp at n = 4096); its own program and GPUs' reductions sum in trees.
     assert rel_err(dx, dx_ref) < (2e-6 if program == "cpu" else 1e-5)
