@@ -30,6 +30,10 @@
 # 4. times all of them and plain autodiff under `jit`;
 # 5. does NCHW with `axis=1` instead of the notes' transposes.
 #
+# Every correctness statement below is checked by an assertion when the notebook runs;
+# timings are printed, with their spread, and not asserted: they depend on the machine
+# and its load.
+#
 # Each function below takes the array module as `xp`: NumPy for the float64 checks,
 # `jax.numpy` to trace the very same code under `jit`.
 
@@ -112,13 +116,16 @@ with jax.enable_x64(True):
 
 print(f"{'float64, notes vs jaxbn':<26}{'max abs diff':>14}")
 for name, a, b in rows:
-    print(f"{name:<26}{np.max(np.abs(np.asarray(a) - np.asarray(b))):14.1e}")
+    diff = np.max(np.abs(np.asarray(a) - np.asarray(b)))
+    print(f"{name:<26}{diff:14.1e}")
+    assert diff < 1e-12, (name, diff)  # the same to float64 rounding
 
 # %% [markdown]
 # An unknown mode is an error in both: the notes raise `ValueError`, and jaxbn's
 # `training` is a required keyword that must be a Python bool.
 
 # %%
+raised = []
 for call in (
     lambda: batchnorm_forward(batches[0], gamma, beta, {"mode": "eval"}),
     lambda: jaxbn.batch_norm(batches[0], gamma, beta, jaxbn.init_state(D), training="eval"),
@@ -126,7 +133,9 @@ for call in (
     try:
         call()
     except (ValueError, TypeError) as err:
+        raised.append(type(err))
         print(f"{type(err).__name__}: {err}")
+assert raised == [ValueError, TypeError], raised
 
 # %% [markdown]
 # ## 2. Backward: the staged version and the closed form
@@ -201,10 +210,12 @@ with jax.enable_x64(True):
     (y, mean, var, count), res = jaxbn.batch_norm_fwd(batches[0], gamma, beta)
     shapes = {k: None if v is None else np.shape(v) for k, v in res._asdict().items()}
     print("residuals:", shapes)
-    print(
-        "y matches the notes' forward:",
-        np.allclose(y, batchnorm_forward(batches[0], gamma, beta, {"mode": "train"})[0]),
-    )
+    full_size = [k for k, v in shapes.items() if v == batches[0].shape]
+    print("of the input's size:", full_size)
+    y_notes = batchnorm_forward(batches[0], gamma, beta, {"mode": "train"})[0]
+    y_diff = float(np.max(np.abs(np.asarray(y) - y_notes)))
+    print(f"y vs the notes' forward, max abs diff: {y_diff:.1e}")
+assert full_size == ["x"] and y_diff < 1e-12
 
 # %% [markdown]
 # ## 3. All of them against `jax.vjp`, in float64
@@ -237,11 +248,18 @@ def notes_rule(backward):
     return rule
 
 
+@jax.jit
+def oracle_grads(x, gamma, beta, dy):
+    return jax.vjp(bn_reference, x, gamma, beta)[1](dy)
+
+
+@jax.jit
 def jaxbn_rule(x, gamma, beta, dy):
     _, res = jaxbn.batch_norm_fwd(x, gamma, beta)
     return jaxbn.batch_norm_bwd(res, dy)
 
 
+@jax.jit
 def jaxbn_grad(x, gamma, beta, dy):
     """jax.grad through jaxbn.batch_norm, which calls the same rule via custom_vjp."""
 
@@ -274,16 +292,16 @@ with jax.enable_x64(True):
             rng.normal(size=shape[1]),
             rng.normal(size=shape),
         )
-        _, pullback = jax.vjp(bn_reference, x, g, b)
-        oracle = pullback(dy)
+        oracle = oracle_grads(x, g, b, dy)
         for name, rule in RULES.items():
             errs = [rel_err(got, want) for got, want in zip(rule(x, g, b, dy), oracle)]
-            errors[name, shape] = max(errs)
+            errors[name, shape] = errs
             print(f"{name:<30}{str(shape):>10}" + "".join(f"{e:10.1e}" for e in errs))
 
 # what the text below says, checked each time the notebook runs
-for (name, shape), err in errors.items():
-    assert (err > 1e-3) if "as written" in name else (err < 1e-12), (name, shape, err)
+for (name, shape), (e_dx, e_dgamma, e_dbeta) in errors.items():
+    assert max(e_dgamma, e_dbeta) < 1e-12, (name, shape)  # no version has a bug there
+    assert (e_dx > 1e-3) if "as written" in name else (e_dx < 1e-12), (name, shape, e_dx)
 
 # %% [markdown]
 # The staged backward as written is wrong in `dx` (its `dgamma` and `dbeta` do not go
@@ -292,7 +310,7 @@ for (name, shape), err in errors.items():
 #
 # Why the cotangent must be random: a plausible-looking backward that forgets the
 # variance path, `dx = a * (dy - mean(dy))`, is exact for `dy = ones` (the gradient of
-# `.sum()`), and wrong for anything else.
+# `.sum()`), and wrong for random cotangents (five draws, the range printed).
 
 
 # %%
@@ -301,17 +319,38 @@ def forgets_variance(x, gamma, dy, eps=1e-5):
     return gamma / np.sqrt(x.var(0) + eps) * (dy - dy.mean(0))
 
 
+cotangents = {"ones (the .sum() check)": [np.ones_like(batches[0])]}
+cotangents["random, 5 draws"] = [rng.normal(size=batches[0].shape) for _ in range(5)]
+wrong_by = {}
 with jax.enable_x64(True):
     x = batches[0]
-    _, pullback = jax.vjp(bn_reference, x, gamma, beta)
-    for name, dy in [
-        ("ones (the .sum() check)", np.ones_like(x)),
-        ("random", rng.normal(size=x.shape)),
-    ]:
-        want = pullback(dy)[0]
-        err = np.max(np.abs(forgets_variance(x, gamma, dy) - want))
-        scale = np.max(np.abs(want))
-        print(f"dy = {name:<24} max |dx - oracle| = {err:.1e}   (max |oracle dx| = {scale:.1e})")
+    a = np.max(np.abs(gamma / np.sqrt(x.var(0) + 1e-5)))  # the size of dx per unit of dy
+    for name, dys in cotangents.items():
+        want = [oracle_grads(x, gamma, beta, dy)[0] for dy in dys]
+        errs = [np.max(np.abs(forgets_variance(x, gamma, dy) - w)) for dy, w in zip(dys, want)]
+        wrong_by[name] = np.array(errs) / a
+        values = " to ".join(
+            f"{v:.1e}" for v in sorted({wrong_by[name].min(), wrong_by[name].max()})
+        )
+        print(f"dy = {name:<24} max |dx - oracle| / max |gamma / std|: {values}")
+assert max(wrong_by["ones (the .sum() check)"]) < 1e-12
+assert min(wrong_by["random, 5 draws"]) > 1e-2
+
+# %% [markdown]
+# One more property of the rule's statistics: jaxbn computes the batch variance in a
+# shifted, corrected two-pass form (`jaxbn/_stats.py`), so a large offset does not
+# cost it its float32 accuracy. At `|mean| = 1e6 * std`, compared with NumPy's float64 variance
+# of the same float32 numbers, and with the one-pass `mean(x**2) - mean(x)**2` in
+# float32, which cancels catastrophically:
+
+# %%
+x32 = (1e6 + rng.normal(size=(1024, 8))).astype(np.float32)
+want = x32.astype(np.float64).var(0)
+(_, _, var32, _), _ = jaxbn.batch_norm_fwd(x32, None, None)
+one_pass = (x32 * x32).mean(0) - x32.mean(0) ** 2
+for name, v in [("jaxbn.batch_norm_fwd", var32), ("one pass, float32", one_pass)]:
+    print(f"{name:<22} max relative error of the variance: {rel_err(v, want):.1e}")
+assert rel_err(var32, want) < 1e-6 < 1e-1 < rel_err(one_pass, want)
 
 # %% [markdown]
 # ## 4. Timing under `jit`
@@ -319,18 +358,29 @@ with jax.enable_x64(True):
 # Forward and backward together, in float32, for the staged and closed forms traced
 # from the NumPy code above with `xp=jnp`, jaxbn's rule, and `jax.vjp` of the plain
 # reference (autodiff). Each returns `y` and the three gradients, so none can skip the
-# forward. Median of 30 calls after compilation, on this machine's backend.
+# forward. After compilation, 30 rounds in which each version is called once, in turn,
+# so that a change of the machine's load hits all of them alike; the median and the
+# quartiles over the rounds, and each version's time over the jaxbn rule's in the same
+# round.
 
 
 # %%
-def timed(f, args, reps=30):
-    jax.block_until_ready(f(*args))
-    times = []
+def interleaved_ms(calls, reps=30):
+    """ms per call of each f(*args) in calls (a dict), the calls alternating round by round."""
+    for f, args in calls.values():
+        jax.block_until_ready(f(*args))  # compiled before timing
+    times = {name: [] for name in calls}
     for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return np.median(times) * 1e3
+        for name, (f, args) in calls.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - t)
+    return {name: np.array(t) * 1e3 for name, t in times.items()}
+
+
+def quartiles(v):
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    return f"{med:8.3f} [{q1:.3f}, {q3:.3f}]"
 
 
 def notes_jit(backward):
@@ -361,6 +411,7 @@ CANDIDATES = {
 }
 SHAPES = [(1024, 256), (8192, 256)]
 timings = {}
+print(f"backend: {jax.devices()[0].platform}")
 for shape in SHAPES:
     args = [
         jnp.asarray(rng.normal(1.0, 2.0, shape), jnp.float32),
@@ -369,41 +420,55 @@ for shape in SHAPES:
         jnp.asarray(rng.normal(size=shape), jnp.float32),
     ]
     ref = autodiff(*args)
-    for name, f in CANDIDATES.items():
-        err = max(rel_err(a, b) for a, b in zip(f(*args), ref))
-        timings[name, shape] = (timed(f, args), err)
-
-print(f"backend: {jax.devices()[0].platform}")
-print(
-    f"{'':<20}" + "".join(f"{str(s) + ' ms':>18}" for s in SHAPES) + f"{'float32 vs autodiff':>22}"
-)
-for name in CANDIDATES:
-    ms = "".join(f"{timings[name, s][0]:18.3f}" for s in SHAPES)
-    print(f"{name:<20}{ms}{max(timings[name, s][1] for s in SHAPES):22.1e}")
+    errs = {
+        name: max(rel_err(a, b) for a, b in zip(f(*args), ref)) for name, f in CANDIDATES.items()
+    }
+    assert max(errs.values()) < 1e-5, errs  # all compute the same, to float32 rounding
+    timings[shape] = interleaved_ms({name: (f, args) for name, f in CANDIDATES.items()})
+    print(
+        f"\nx {shape} float32{'median ms [quartiles]':>28}{'/ jaxbn rule':>22}{'vs autodiff':>13}"
+    )
+    for name, t in timings[shape].items():
+        ratio = t / timings[shape]["jaxbn rule"]
+        print(f"  {name:<24}{quartiles(t):>26}{quartiles(ratio):>22}{errs[name]:13.1e}")
 
 fig, axes = plt.subplots(1, len(SHAPES), figsize=(12, 3), layout="constrained")
 for ax, shape in zip(axes, SHAPES):
-    ax.barh(list(CANDIDATES), [timings[name, shape][0] for name in CANDIDATES], color="C0")
+    q1, med, q3 = np.percentile(list(timings[shape].values()), [25, 50, 75], axis=1)
+    ax.barh(list(CANDIDATES), med, xerr=[med - q1, q3 - med], color="C0", capsize=3)
     ax.invert_yaxis()
     ax.set_title(f"x {shape}, float32")
-    ax.set_xlabel("forward + backward under jit, median ms")
+    ax.set_xlabel("forward + backward under jit, ms (median, quartiles)")
     ax.grid(axis="x", alpha=0.3)
 plt.show()
 
 # %% [markdown]
-# The table is the measurement; it depends on the backend, the shapes and the load
-# of the machine, so run the cell again before reading much into small differences.
-# When we ran it (2 CPU cores, shared), jaxbn's rule was the fastest of the four at
-# both sizes: by 1.5x or more at `(1024, 256)`, and at `(8192, 256)` by about 3x to 7x
-# over autodiff and 2x to 5x over the notes' versions. XLA fuses each version's
-# elementwise chain into a few loops, so what counts is how many times each reads `x`
-# and `dy` and how many full-size intermediates it keeps: jaxbn's only full-size
-# residual is `x`, and its backward reads `x` and `dy` once for both sums, while the
-# notes' cache holds `x` and `x_hat` and autodiff keeps every intermediate of the
-# formula. The rule also computes the variance in the shifted, corrected two-pass form
-# (`jaxbn/_stats.py`), which stays exact at `|mean| = 1e6 * std` in float32.
+# The tables are this run's measurement; they depend on the backend, the shapes and
+# the load of the machine. Read a difference together with the quartiles: where a
+# ratio's quartiles both lie on one side of 1, the ordering held in at least three
+# rounds out of four of this run; run the cell again to see whether it holds on yours.
+#
+# What can make the versions differ: XLA fuses each version's elementwise chain into a
+# few loops, so what counts is how many passes each makes over `x` and `dy`, and how
+# many full-size intermediates it writes. When the forward and the backward are
+# separate programs (as in `jax.grad` of a larger model, where the residuals wait in
+# memory in between), what each keeps matters too: counted below, the arrays of the
+# input's size that each version keeps from its forward for its backward.
 # `python -m jaxbn check` prints the same kind of comparison, with bfloat16, on
 # whatever backend you have.
+
+# %%
+x, g, b = args[:3]  # the (8192, 256) float32 arrays of the last timing; shapes suffice
+kept = {
+    "notes' cache": lambda: batchnorm_forward(x, g, b, {"mode": "train"}, xp=jnp)[1],
+    "jaxbn residuals": lambda: jaxbn.batch_norm_fwd(x, g, b)[1],
+    "autodiff (jax.vjp pullback)": lambda: jax.vjp(bn_reference, x, g, b)[1],
+}
+for name, forward in kept.items():
+    kept[name] = sum(v.shape == x.shape for v in jax.tree.leaves(jax.eval_shape(forward)))
+    print(f"{name:<28} keeps {kept[name]} of the input's size")
+assert kept["jaxbn residuals"] == 1 and kept["notes' cache"] == 2  # x; x and x_hat
+assert kept["autodiff (jax.vjp pullback)"] > 1
 
 # %% [markdown]
 # ## 5. NCHW: the feature axis instead of transposes
@@ -478,17 +543,21 @@ layouts = {
     "jaxbn: NCHW, axis=1": (jaxbn_axis(1), (x, g, b, dy)),
     "jaxbn: NHWC, axis=-1": (jaxbn_axis(-1), (to_nhwc(x), g, b, to_nhwc(dy))),
 }
-print(f"x {(n, c, h, w)} float32{'':>12}{'transposes in jaxpr':>20}{'median ms':>11}")
-layout_ms = {}
-for name, (f, args) in layouts.items():
-    transposes = str(jax.make_jaxpr(f)(*args)).count("transpose[")
-    layout_ms[name] = timed(f, args)
-    print(f"{name:<36}{transposes:>20}{layout_ms[name]:11.3f}")
+transposes = {
+    name: str(jax.make_jaxpr(f)(*a)).count("transpose[") for name, (f, a) in layouts.items()
+}
+layout_ms = interleaved_ms(layouts)
+print(f"x {(n, c, h, w)} float32{'transposes in jaxpr':>27}{'median ms [quartiles]':>26}")
+for name, t in layout_ms.items():
+    print(f"  {name:<30}{transposes[name]:>14}{quartiles(t):>26}")
+# the notes' version: two transposes each way; jaxbn's: none in either layout
+assert list(transposes.values()) == [4, 0, 0], transposes
 
 fig, ax = plt.subplots(figsize=(8, 2.5), layout="constrained")
-ax.barh(list(layout_ms), list(layout_ms.values()), color=["C3", "C0", "C0"])
+q1, med, q3 = np.percentile(list(layout_ms.values()), [25, 50, 75], axis=1)
+ax.barh(list(layout_ms), med, xerr=[med - q1, q3 - med], color=["C3", "C0", "C0"], capsize=3)
 ax.invert_yaxis()
-ax.set_xlabel("forward + backward under jit, median ms")
+ax.set_xlabel("forward + backward under jit, ms (median, quartiles)")
 ax.set_title(f"batch norm of a {(n, c, h, w)} activation, float32")
 ax.grid(axis="x", alpha=0.3)
 plt.show()
@@ -496,8 +565,8 @@ plt.show()
 # %% [markdown]
 # Same numbers, no transposes: with `axis=1` the program reduces over `(0, 2, 3)` where
 # the data lie, while the notes' version moves the whole activation through transposes
-# (four of them under `jit`, two each way). In our runs that made the notes' version 3
-# to 5 times slower than `axis=1`; `axis=1` itself took somewhat longer than the same
-# activation stored channels-last (NHWC), where the features are the minor dimension
-# and the reductions vectorize across them. Timings are noisy on a shared CPU; run the
-# cell again to see the spread.
+# (four of them in the program, two each way; asserted above). What that costs, and how
+# `axis=1` compares with the same activation stored channels-last (NHWC, where the
+# features are the minor dimension and the reductions can vectorize across them), the
+# printed medians and quartiles say for this machine; timings are noisy on a shared
+# CPU, so run the cell again to see how stable the ordering is.

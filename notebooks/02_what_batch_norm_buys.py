@@ -910,9 +910,8 @@ for bn in (False, True):
 # Longer, Generalize Better") ghost batch norm: `virtual_batch_size=16` normalizes
 # groups of 16 within each batch of 128.
 
+
 # %%
-
-
 def renorm_schedule(t, hp):
     """Batch renorm's limits at step t; hp["renorm"] = 0 keeps them at (1, 0), which
     is plain batch norm (r = 1, d = 0), so one program trains both arms."""
