@@ -72,6 +72,16 @@ if TYPE_CHECKING:
         to_torch,
     )
 else:
+    import sys
+
+    if "jax" in sys.modules:
+        # jaxbn._platform makes a jit cache-key context (jax.make_user_context). Made
+        # during a user's first trace (jaxbn.batch_norm first looked up inside a jitted
+        # function), it would change that function's cache key and compile it twice.
+        # With jax loaded already this costs nothing; without it (jaxbn --help) jaxbn
+        # stays lazy, and the module is made on first use.
+        importlib.import_module("jaxbn._platform")
+
     # Hidden from type checkers, which would otherwise accept any misspelt name.
     def __getattr__(name):
         if name not in _EXPORTS:

@@ -95,3 +95,27 @@ def test_public_names_resolve_lazily_and_completely():
         assert getattr(jaxbn, name).__name__ == name
     with pytest.raises(AttributeError, match="has no attribute 'batchnorm'"):
         jaxbn.batchnorm  # noqa: B018
+
+
+FIRST_USE_IN_A_TRACE = """
+import jax, jax.numpy as jnp
+import jaxbn
+traces = []
+def f(x):
+    traces.append(1)  # jaxbn.batch_norm is first looked up here, inside the trace
+    return jaxbn.batch_norm(x, None, None, jaxbn.init_state(3), training=True)[0]
+g = jax.jit(f)
+for _ in range(3):
+    g(jnp.ones((4, 3)))
+print(len(traces))
+"""
+
+
+def test_first_use_inside_a_jitted_function_traces_it_once():
+    # jaxbn._platform's jit cache-key context, made mid-trace, retraced and recompiled
+    # the user's function on its second call
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_USE_IN_A_TRACE], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1"
