@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 from jax import lax
 
-__all__ = ["InconclusiveDimensionOperation", "pvary", "varying_axes"]
+__all__ = ["InconclusiveDimensionOperation", "pvary", "vary_like_predicate", "varying_axes"]
 
 try:  # raised by a comparison of symbolic dimensions (jax.export)
     from jax.errors import InconclusiveDimensionOperation  # jax >= 0.10.2
@@ -45,3 +45,21 @@ def pvary(x, axes: tuple):
     if hasattr(lax, "pcast"):
         return lax.pcast(x, axes, to="varying")
     return lax.pvary(x, axes)  # type: ignore[attr-defined]  # jax < 0.8.2
+
+
+def vary_like_predicate(pred, *operands):
+    """The operands of a ``lax.cond`` on ``pred``, marked varying where ``pred`` varies.
+
+    Under ``vmap`` of a ``shard_map``, JAX turns a cond with a batched predicate into a
+    select of both branches, which makes every operand vary like the predicate; a
+    branch that combined an invariant operand with a varying value then holds a
+    ``pvary`` of an already varying value, and tracing fails. Marking the operands
+    first (a type change, no data moves) leaves the branches nothing to mark. None
+    stays None.
+    """
+    axes = varying_axes(pred)
+    out = []
+    for v in operands:
+        missing = () if v is None else tuple(sorted(axes - varying_axes(v), key=str))
+        out.append(pvary(v, missing) if missing else v)
+    return out

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _stats
+from jaxbn._compat import vary_like_predicate
 from jaxbn._stats import Moments, compute_dtype, expand, psum, reduced_axes
 
 FAST_LIMIT = 16.0  # K: the fast statistics only where msq <= K * var.
@@ -62,6 +63,7 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
     fast = jnp.all(jnp.isfinite(var) & (msq <= FAST_LIMIT * var))
     if axis_name is not None:  # the shifted branch has collectives: all devices agree
         fast = lax.psum(jnp.where(fast, 0, 1), axis_name) == 0
+    x, m, mean, var, n = vary_like_predicate(fast, x, m, mean, var, n)
 
     def fast_moments():
         return Moments(mean, jnp.zeros_like(mean), jnp.maximum(var, 0), n)
@@ -84,6 +86,7 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
 
         t1, t2 = sums((0, 1))
         finite = jnp.all(jnp.isfinite(t1) & jnp.isfinite(t2))  # psum'd: all devices agree
+        t1, t2, s = vary_like_predicate(finite, t1, t2, s)  # sums() reads s
         t1b, t2b = lax.cond(finite, lambda: (t1, t2), lambda: sums((2, 3)))
         return _stats.combine((t1, t2, t1b, t2b), s, n, _stats._size(x, feature_axes))
 
@@ -95,6 +98,7 @@ def sum_dy_xc(dy, x, shift, delta, rstd, s_dy, feature_axes):
     red = reduced_axes(x.ndim, feature_axes)
     mean = shift + delta
     small = jnp.all(mean * mean * (rstd * rstd) <= BWD_LIMIT)
+    dy, x, shift, delta, mean, s_dy = vary_like_predicate(small, dy, x, shift, delta, mean, s_dy)
 
     def unshifted():
         return jnp.sum(dy.astype(mean.dtype) * x.astype(mean.dtype), red) - mean * s_dy

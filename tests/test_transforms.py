@@ -117,3 +117,38 @@ def test_output_fuses_with_a_following_relu(training):
     f = lambda x, s: jax.nn.relu(jaxbn.batch_norm(x, g, b, s, training=training)[0])  # noqa: E731
     root, x_name = _root_and_x(f, x, s)
     assert "maximum" in root and " fusion(" in root and x_name in root, root
+
+
+@pytest.mark.parametrize("per_device_stats", [False, True])
+def test_vmap_over_a_shard_map_with_gradients_equals_a_loop(program, per_device_stats):
+    # vmap over seeds of a data-parallel step: JAX turns the CPU program's conds into
+    # selects, which failed on a pvary ("invariant->variant") until jaxbn._compat
+    # .vary_like_predicate; the clean program has no cond
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("b",), axis_types=(AxisType.Auto,))
+    axis_name = None if per_device_stats else "b"
+    rs = np.random.RandomState(7)
+    xs = jnp.asarray(rs.randn(3, 16, 4) * 3 + 5, jnp.float32)  # (seeds, batch, features)
+    gammas = jnp.asarray(rs.rand(3, 4) + 0.5, jnp.float32)
+    w = jnp.asarray(rs.randn(16, 4), jnp.float32)
+
+    def step(gamma, x, w):
+        def loss(gamma, x):
+            y, st = jaxbn.batch_norm(
+                x, gamma, None, jaxbn.init_state(4), training=True, axis_name=axis_name
+            )
+            return jnp.sum(y * w + y**3 / 10), st
+
+        (_, st), (dg, dx) = jax.value_and_grad(loss, (0, 1), has_aux=True)(gamma, x)
+        return jax.lax.psum(dg, "b"), dx, jax.lax.pmean(st.var, "b")
+
+    sharded = jax.shard_map(
+        step, mesh=mesh, in_specs=(P(), P("b"), P("b")), out_specs=(P(), P("b"), P())
+    )
+    got = jax.jit(jax.vmap(sharded, in_axes=(0, 0, None)))(gammas, xs, w)
+    for k in range(3):
+        want = jax.jit(sharded)(gammas[k], xs[k], w)
+        for a, b in zip(got, want):
+            assert rel_err(a[k], b) < 1e-6
