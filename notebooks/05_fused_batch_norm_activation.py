@@ -369,7 +369,7 @@ for arm in ARMS:
 # five activations' worth in all, with the weights and the head. The fused op (b) recomputes
 # the sign from `x` and so drops the masks of the two plain blocks; the residual block
 # still keeps its byte of sign (the sign of `y + r` is not a function of `x` alone).
-# That is all it saves here, 7%: the fused op's gain in memory is the mask, its larger
+# That is all it saves here (the `/ a` column): the fused op's gain in memory is the mask, its larger
 # gain is the `dL/dy` it never writes, which shows in traffic, not in residuals. The
 # in-place op (c) keeps only `z`, the same buffer that the next convolution keeps, so
 # none of the convolution outputs and none of the masks stay alive; the only buffer it
@@ -442,9 +442,9 @@ for arm in ARMS:
 # **Conclusion.** On this CNN `jaxbn.linen.BatchNorm(activation="leaky_relu")`, with or
 # without `inplace=True`, trains as batch norm followed by `nn.leaky_relu` does, jaxbn's
 # or Flax's: the same loss, statistics and gradients at the start up to float32
-# rounding, curves on top of each other, and the same final test accuracy (about 0.98
-# in every arm, within the seeds' spread). What changes is what the backward keeps: the
-# fused op drops the activation's masks (7% here, where one block of three is residual
+# rounding, curves on top of each other, and the same final test accuracy (printed
+# above, within the seeds' spread). What changes is what the backward keeps: the
+# fused op drops the activation's masks (a few percent here, where one block of three is residual
 # and keeps its byte of sign), and `inplace=True` keeps only the outputs that the next
 # convolutions keep anyway, half the residual bytes of batch norm then activation.
 # XLA:CPU's temp memory for the whole step does not follow the residuals, in either
