@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
-from reference import bn_ref, rel_err
+from reference import bn_ref, rel_err, vjp_jit
 from test_programs import assert_clean, lowered, x_reductions
 
 import jaxbn
@@ -124,10 +124,10 @@ def test_gamma_near_zero_keeping_z():
         x, gamma, beta, _, dz, _, axis = make("nc", jnp.float64)
         gamma = gamma.at[0].set(0.0).at[1].set(1e-3).at[2].set(-1e-6)
         st = jaxbn.init_state(6, jnp.float64)
-        got = jax.vjp(fused("leaky_relu", axis, None, st), x, gamma, beta, None)[1]
-        want = jax.vjp(composed("leaky_relu", axis, None, st), x, gamma, beta, None)[1]
         cts = (dz, jnp.zeros(6), jnp.zeros(6))
-        (dx, dg, db, _), (dx0, dg0, db0, _) = got(cts), want(cts)
+        primals = (x, gamma, beta, None)
+        dx, dg, db, _ = vjp_jit(fused("leaky_relu", axis, None, st), primals, cts)[1]
+        dx0, dg0, db0, _ = vjp_jit(composed("leaky_relu", axis, None, st), primals, cts)[1]
         assert rel_err(dx, dx0) < 1e-10 and rel_err(db, db0) < 1e-10
         # z holds no xhat where gamma == 0: dgamma is 0 there, exact elsewhere
         assert dg[0] == 0 and dg0[0] != 0
@@ -199,7 +199,7 @@ def test_across_devices_equals_one_device(program):
         )
         put = lambda v: jax.device_put(v, NamedSharding(msh, P("batch")))  # noqa: E731
         got = jax.jit(f)(put(x), None if res is None else put(r), put(dz), gamma, beta)
-        for a, b in zip(got, grads(x, res, dz, gamma, beta)):
+        for a, b in zip(got, jax.jit(grads)(x, res, dz, gamma, beta)):
             assert (a is None) == (b is None)
             if a is not None:
                 assert rel_err(a, b) < 1e-5
@@ -217,9 +217,8 @@ def test_eval_forward_mode_and_dtype():
     )[0]
     ref = lambda x: jax.nn.leaky_relu(bn_ref(x, gamma, beta)[0], 0.01)  # noqa: E731
     t = jnp.asarray(np.random.RandomState(5).randn(*x.shape), jnp.float32)
-    assert (
-        rel_err(jax.jvp(lambda x: f(x, False), (x,), (t,))[1], jax.jvp(ref, (x,), (t,))[1]) < 1e-5
-    )
+    jvp = jax.jit(lambda f, x, t: jax.jvp(f, (x,), (t,))[1], static_argnums=0)
+    assert rel_err(jvp(lambda x: f(x, False), x, t), jvp(ref, x, t)) < 1e-5
     with pytest.raises(TypeError, match="pass custom_vjp=False"):
         jax.jvp(lambda x: f(x, True), (x,), (t,))
     zb, stb = jaxbn.batch_norm_act(x.astype(jnp.bfloat16), gamma, beta, st, training=True)
@@ -247,8 +246,8 @@ def test_by_default_x_is_kept_and_a_zero_gamma_gets_its_gradient():
         st = jaxbn.init_state(6, jnp.float64)
         cts = (dz, jnp.zeros(6), jnp.zeros(6))
         f = fused("leaky_relu", axis, None, st, inplace=False)
-        got = jax.vjp(f, x, gamma, beta, None)[1](cts)
-        want = jax.vjp(composed("leaky_relu", axis, None, st), x, gamma, beta, None)[1](cts)
+        got = vjp_jit(f, (x, gamma, beta, None), cts)[1]
+        want = vjp_jit(composed("leaky_relu", axis, None, st), (x, gamma, beta, None), cts)[1]
         for a, b in zip(got[:3], want[:3]):
             assert rel_err(a, b) < 1e-10
         assert got[1][0] != 0

@@ -20,9 +20,9 @@ def test_momentum_none_skips_a_fully_masked_step():
     x = jnp.asarray(np.random.RandomState(0).randn(8, 3) + 5.16, jnp.float32)
     none = jnp.zeros((8, 1), bool)
     kw = dict(training=True, momentum=None)
-    _, s = jaxbn.batch_norm(x, None, None, ST3, mask=none, **kw)
+    _, s = jax.jit(lambda x, mask: jaxbn.batch_norm(x, None, None, ST3, mask=mask, **kw))(x, none)
     assert int(s.count) == 0 and np.all(np.asarray(s.mean) == 0)
-    _, s = jaxbn.batch_norm(x, None, None, s, **kw)
+    _, s = jax.jit(lambda x, s: jaxbn.batch_norm(x, None, None, s, **kw))(x, s)
     np.testing.assert_allclose(s.mean, np.asarray(x).mean(0), rtol=1e-6)  # not halved
 
 
@@ -44,10 +44,11 @@ def test_population_stats_refuses_an_empty_batch():
 def test_counts_are_exact_integers_beyond_float32():
     n = 2**24 + 1
     x = jnp.zeros((n, 1), jnp.float32)
-    (_, _, _, count), _ = jaxbn.batch_norm_fwd(x, None, None)
+    (_, _, _, count), _ = jax.jit(lambda x: jaxbn.batch_norm_fwd(x, None, None))(x)
     assert count.dtype == jnp.int32 and int(count) == n
     mask = jnp.ones((n, 1), bool)
-    (_, _, _, count), _ = jaxbn.batch_norm_fwd(x, None, None, mask=mask)
+    fwd_masked = jax.jit(lambda x, mask: jaxbn.batch_norm_fwd(x, None, None, mask=mask))
+    (_, _, _, count), _ = fwd_masked(x, mask)
     assert count.dtype == jnp.int32 and int(count[0]) == n
 
 
@@ -120,7 +121,7 @@ def test_axis_index_groups_outside_pmap_says_where_they_work():
 def test_batch_of_one_is_refused_under_a_named_axis_of_size_one():
     with pytest.raises(ValueError, match="has 1 along the reduced axes .* of axis_name 'b'"):
         vmapped(jnp.ones((1, 1, 3)))
-    y, _ = vmapped(jnp.arange(6.0).reshape(2, 1, 3))  # one row per device, two devices
+    y, _ = jax.jit(vmapped)(jnp.arange(6.0).reshape(2, 1, 3))  # one row per device, two devices
     np.testing.assert_allclose(np.asarray(y)[:, 0, 0], [-1, 1], atol=1e-3)
 
 
@@ -168,8 +169,10 @@ def test_complex_input_matches_a_plain_reference_and_its_gradient(dtype, program
             y, new = jaxbn.batch_norm(x, None, None, st, training=True, momentum=0.0)
             return jnp.sum((y * w).real), (new.mean, new.var)
 
-        (value, (mean, var)), g = jax.value_and_grad(loss, has_aux=True)(x)
-        (value_r, (mean_r, var_r)), g_r = jax.value_and_grad(complex_ref, has_aux=True)(x, w)
+        (value, (mean, var)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+        (value_r, (mean_r, var_r)), g_r = jax.jit(jax.value_and_grad(complex_ref, has_aux=True))(
+            x, w
+        )
         tol = 1e-4 if dtype == jnp.complex64 else 1e-10
         assert mean.dtype == dtype and var.dtype == jnp.finfo(dtype).dtype
         np.testing.assert_allclose(mean, mean_r, rtol=tol)
@@ -193,8 +196,11 @@ def test_strict_dtype_promotion_gives_the_standard_results():
             def f(x, g, b, fn=fn):
                 return fn(x, g, b, jaxbn.init_state(3), training=True, unbiased_running_var=True)
 
-            (y, state), pullback = jax.vjp(f, x, g, b)
-            out[name] = (y, state, pullback((ct, jax.tree.map(jnp.zeros_like, state))))
+            def y_state_grads(x, g, b, f=f):
+                (y, state), pullback = jax.vjp(f, x, g, b)
+                return y, state, pullback((ct, jax.tree.map(jnp.zeros_like, state)))
+
+            out[name] = jax.jit(y_state_grads)(x, g, b)
         return out
 
     standard = run()

@@ -1,5 +1,6 @@
 """jaxbn's options on the Flax modules: forwarded to the core, off by default."""
 
+import functools
 from pathlib import Path
 
 import flax.linen as nn
@@ -16,6 +17,10 @@ import jaxbn.nnx
 
 GOLDEN = np.load(Path(__file__).parent / "golden" / "torch_batchnorm.npz")
 
+# Jitted, once per shape and options: run eagerly, each call would dispatch op by op
+STATIC = ("training", "momentum", "renorm", "virtual_batch_size", "unbiased_running_var")
+batch_norm = jax.jit(jaxbn.batch_norm, static_argnames=STATIC)
+
 
 def test_linen_torch_parity_through_momentum_and_unbiased_options():
     g = GOLDEN
@@ -25,13 +30,14 @@ def test_linen_torch_parity_through_momentum_and_unbiased_options():
         momentum=jaxbn.momentum_from_torch(0.1),
         unbiased_running_var=True,
     )
-    variables = bn.init(jax.random.key(0), g["x"][0])
+    variables = jax.jit(bn.init)(jax.random.key(0), g["x"][0])
     variables = {
         "params": {"scale": jnp.asarray(g["weight"]), "bias": jnp.asarray(g["bias"])},
         "batch_stats": variables["batch_stats"],
     }
+    apply = jax.jit(functools.partial(bn.apply, mutable=["batch_stats"]))
     for i, x in enumerate(g["x"]):
-        y, upd = bn.apply(variables, x, mutable=["batch_stats"])
+        y, upd = apply(variables, x)
         variables = {**variables, **upd}
         assert rel_err(y, g[f"ema_y{i}"]) < 1e-5
         assert rel_err(upd["batch_stats"]["var"], g[f"ema_step{i}_running_var"]) < 1e-5
@@ -44,14 +50,15 @@ def test_momentum_none_keeps_a_cumulative_average_with_a_count(kind):
         bn = jaxbn.linen.BatchNorm(
             use_running_average=False, axis=1, momentum=None, unbiased_running_var=True
         )
-        variables = bn.init(jax.random.key(0), g["x"][0])
+        variables = jax.jit(bn.init)(jax.random.key(0), g["x"][0])
         assert sorted(variables["batch_stats"]) == ["count", "mean", "var"]
         variables = {
             "params": {"scale": jnp.asarray(g["weight"]), "bias": jnp.asarray(g["bias"])},
             "batch_stats": variables["batch_stats"],
         }
+        apply = jax.jit(functools.partial(bn.apply, mutable=["batch_stats"]))
         for x in g["x"]:
-            _, upd = bn.apply(variables, x, mutable=["batch_stats"])
+            _, upd = apply(variables, x)
             variables = {**variables, **upd}
         stats = variables["batch_stats"]
     else:
@@ -69,8 +76,8 @@ def test_momentum_none_keeps_a_cumulative_average_with_a_count(kind):
 
 def run_linen(x, **options):
     bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.5, **options)
-    variables = bn.init(jax.random.key(0), x)
-    return bn.apply(variables, x, mutable=["batch_stats"])
+    variables = jax.jit(bn.init)(jax.random.key(0), x)
+    return jax.jit(functools.partial(bn.apply, mutable=["batch_stats"]))(variables, x)
 
 
 def run_nnx(x, **options):
@@ -86,10 +93,10 @@ def run_nnx(x, **options):
 def test_options_are_forwarded_to_the_core(run, options):
     x = jnp.asarray(np.random.RandomState(0).randn(16, 5) * 2 + 3, jnp.float32)
     y, upd = run(x, **options)
-    y_core, s_core = jaxbn.batch_norm(
+    y_core, s_core = batch_norm(
         x, jnp.ones(5), jnp.zeros(5), jaxbn.init_state(5), training=True, momentum=0.5, **options
     )
-    y_plain, s_plain = jaxbn.batch_norm(
+    y_plain, s_plain = batch_norm(
         x, jnp.ones(5), jnp.zeros(5), jaxbn.init_state(5), training=True, momentum=0.5
     )
     assert rel_err(y, y_core) < 1e-6
@@ -121,8 +128,8 @@ def test_linen_frozen_is_a_fixed_affine_map_without_gradients_for_its_params():
         training=False,
     )
     assert rel_err(y, y_eval) == 0
-    grads = jax.grad(
-        lambda p: jnp.sum(Net(True).apply({"params": p, "batch_stats": stats}, x) ** 2)
+    grads = jax.jit(
+        jax.grad(lambda p: jnp.sum(Net(True).apply({"params": p, "batch_stats": stats}, x) ** 2))
     )(variables["params"])
     assert all(not np.any(np.asarray(v)) for v in jax.tree.leaves(grads))
 

@@ -1,5 +1,7 @@
 """Forward values and running statistics against NumPy float64 and Flax."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,15 @@ from reference import np_stats, rel_err
 
 import jaxbn
 
+# Jitted once per shape and options (use_clean_program and enable_x64 are in jit's cache
+# key): run eagerly, every call would dispatch, and first compile, each op on its own.
+STATIC = ("training", "axis", "momentum", "eps", "unbiased_running_var", "custom_vjp")
+batch_norm = jax.jit(jaxbn.batch_norm, static_argnames=STATIC)
 
+
+@functools.partial(jax.jit, static_argnames="axis")
 def train(x, gamma=None, beta=None, axis=-1, **kw):
-    fshape = tuple(np.asarray(x).shape[a] for a in np.atleast_1d(axis))
+    fshape = tuple(jnp.shape(x)[a] for a in np.atleast_1d(axis))
     state = jaxbn.init_state(fshape if len(fshape) > 1 else fshape[0])
     return jaxbn.batch_norm(x, gamma, beta, state, training=True, axis=axis, momentum=0.0, **kw)
 
@@ -88,7 +96,7 @@ def test_training_output_and_state_update(shape, axis):
         jnp.asarray(rs.rand(*mean.shape) + 1, jnp.float32),
         jnp.asarray(3, jnp.int32),
     )
-    y, new = jaxbn.batch_norm(
+    y, new = batch_norm(
         x,
         jnp.asarray(gamma, jnp.float32),
         jnp.asarray(beta, jnp.float32),
@@ -110,7 +118,7 @@ def test_training_output_and_state_update(shape, axis):
 def test_first_update_matches_flax_closed_form():
     # flax's linen_test: after one step from init, mean = 0.1 * batch mean, var = 0.9 + 0.1 * var.
     x = np.random.RandomState(6).randn(20, 4).astype(np.float32) + 1
-    _, new = jaxbn.batch_norm(x, None, None, jaxbn.init_state(4), training=True)
+    _, new = batch_norm(x, None, None, jaxbn.init_state(4), training=True)
     mean, var = np_stats(x)
     assert rel_err(new.mean, 0.1 * mean) < 1e-6 and rel_err(new.var, 0.9 + 0.1 * var) < 1e-6
 
@@ -120,7 +128,7 @@ def test_momentum_none_is_cumulative_average():
     batches = [rs.randn(10, 3).astype(np.float32) * (i + 1) + i for i in range(4)]
     state = jaxbn.init_state(3)
     for b in batches:
-        _, state = jaxbn.batch_norm(b, None, None, state, training=True, momentum=None)
+        _, state = batch_norm(b, None, None, state, training=True, momentum=None)
     stats = [np_stats(b) for b in batches]
     assert rel_err(state.mean, np.mean([m for m, _ in stats], 0)) < 1e-6
     assert rel_err(state.var, np.mean([v for _, v in stats], 0)) < 1e-6
@@ -148,7 +156,7 @@ def test_eval_mode_uses_running_statistics_and_returns_state_unchanged():
 def test_output_keeps_input_dtype_and_state_stays_float32(dtype):
     x = jnp.asarray(np.random.RandomState(9).randn(32, 4), dtype)
     for training in (True, False):
-        y, s = jaxbn.batch_norm(
+        y, s = batch_norm(
             x, jnp.ones(4, dtype), jnp.zeros(4, dtype), jaxbn.init_state(4), training=training
         )
         assert y.dtype == dtype
@@ -158,7 +166,7 @@ def test_output_keeps_input_dtype_and_state_stays_float32(dtype):
 def test_float64_input_keeps_float64_statistics():
     with jax.enable_x64(True):
         x = jnp.asarray(np.random.RandomState(10).randn(32, 4) + 1e8)
-        y, s = jaxbn.batch_norm(
+        y, s = batch_norm(
             x, None, None, jaxbn.init_state(4, jnp.float64), training=True, momentum=0.0
         )
         mean, var = np_stats(np.asarray(x))
@@ -192,7 +200,7 @@ def test_feature_with_no_masked_in_value_keeps_its_statistics(program):
     state = jaxbn.BatchNormState(
         jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 5.0, 6.0]), jnp.asarray(0, jnp.int32)
     )
-    _, new = jaxbn.batch_norm(x, None, None, state, training=True, mask=jnp.asarray(mask))
+    _, new = batch_norm(x, None, None, state, training=True, mask=jnp.asarray(mask))
     assert float(new.mean[2]) == 3.0 and float(new.var[2]) == 6.0
     assert float(new.mean[0]) != 1.0
 
@@ -206,7 +214,7 @@ def test_matches_flax_batchnorm(axis):
     variables = bn.init(jax.random.key(0), x)
     y_flax, upd = bn.apply(variables, x, mutable=["batch_stats"])
     c = x.shape[axis]
-    y, s = jaxbn.batch_norm(
+    y, s = batch_norm(
         x, jnp.ones(c), jnp.zeros(c), jaxbn.init_state(c), training=True, axis=axis, momentum=0.99
     )
     assert rel_err(y, y_flax) < 1e-5

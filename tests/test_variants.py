@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import bn_ref, np_stats, rel_err
+from reference import bn_ref, np_stats, rel_err, vjp_jit
 
 import jaxbn
 
@@ -23,9 +23,17 @@ def problem(shape=(24, 5), seed=0, dtype=jnp.float64):
 
 def test_unbiased_running_var_stores_n_over_n_minus_one():
     x, _, _, _ = problem(dtype=jnp.float32)
-    _, s = jaxbn.batch_norm(
-        x, None, None, jaxbn.init_state(5), training=True, momentum=0.7, unbiased_running_var=True
-    )
+    _, s = jax.jit(
+        lambda x: jaxbn.batch_norm(
+            x,
+            None,
+            None,
+            jaxbn.init_state(5),
+            training=True,
+            momentum=0.7,
+            unbiased_running_var=True,
+        )
+    )(x)
     x64 = np.asarray(x, np.float64)
     assert rel_err(s.var, 0.7 + 0.3 * x64.var(0, ddof=1)) < 1e-6
     assert rel_err(s.mean, 0.3 * x64.mean(0)) < 1e-6
@@ -34,16 +42,18 @@ def test_unbiased_running_var_stores_n_over_n_minus_one():
 def test_unbiased_running_var_with_mask_uses_each_features_count():
     x, _, _, _ = problem(dtype=jnp.float32)
     mask = np.random.RandomState(1).rand(24, 5) > 0.5
-    _, s = jaxbn.batch_norm(
-        x,
-        None,
-        None,
-        jaxbn.init_state(5),
-        training=True,
-        momentum=0.0,
-        mask=jnp.asarray(mask),
-        unbiased_running_var=True,
-    )
+    _, s = jax.jit(
+        lambda x, mask: jaxbn.batch_norm(
+            x,
+            None,
+            None,
+            jaxbn.init_state(5),
+            training=True,
+            momentum=0.0,
+            mask=mask,
+            unbiased_running_var=True,
+        )
+    )(x, jnp.asarray(mask))
     x64 = np.asarray(x, np.float64)
     expect = [x64[mask[:, j], j].var(ddof=1) for j in range(5)]
     assert rel_err(s.var, expect) < 1e-5
@@ -76,13 +86,13 @@ def test_renorm_matches_the_paper(custom, limits):
             x, g, b, state, training=True, renorm=limits, custom_vjp=custom
         )[0]
         ref = lambda x, g, b: renorm_ref(x, g, b, state.mean, state.var, *limits)  # noqa: E731
-        y, vjp = jax.vjp(f, x, gamma, beta)
-        y_ref, vjp_ref = jax.vjp(ref, x, gamma, beta)
+        y, grads = vjp_jit(f, (x, gamma, beta), ct)
+        y_ref, grads_ref = vjp_jit(ref, (x, gamma, beta), ct)
         assert rel_err(y, y_ref) < 1e-10
-        for a, b in zip(vjp(ct), vjp_ref(ct)):
+        for a, b in zip(grads, grads_ref):
             assert rel_err(a, b) < 1e-10
         if limits == (1.0, 0.0):  # r = 1, d = 0: plain batch norm
-            assert rel_err(y, bn_ref(x, gamma, beta)[0]) < 1e-10
+            assert rel_err(y, jax.jit(bn_ref)(x, gamma, beta)[0]) < 1e-10
 
 
 def test_renorm_limits_can_be_traced_for_a_schedule():
@@ -129,15 +139,14 @@ def test_ghost_batches_match_a_per_group_reference(custom, shape, program):
         f = lambda x, g, b: jaxbn.batch_norm(
             x, g, b, state, training=True, virtual_batch_size=4, momentum=0.0, custom_vjp=custom
         )  # noqa: E731
-        (y, new), vjp = jax.vjp(f, x, gamma, beta)
-        (y_ref, mean_ref, var_ref), vjp_ref = jax.vjp(
-            lambda x, g, b: ghost_ref(x, g, b, 4), x, gamma, beta
+        zeros = jnp.zeros(5, jnp.float64)
+        cts = (ct, jaxbn.BatchNormState(zeros, zeros, np.zeros((), jax.dtypes.float0)))
+        (y, new), got = vjp_jit(f, (x, gamma, beta), cts)
+        (y_ref, mean_ref, var_ref), want = vjp_jit(
+            lambda x, g, b: ghost_ref(x, g, b, 4), (x, gamma, beta), (ct, zeros, zeros)
         )
         assert rel_err(y, y_ref) < 1e-10
         assert rel_err(new.mean, mean_ref) < 1e-10 and rel_err(new.var, var_ref) < 1e-10
-        zeros = jnp.zeros(5, jnp.float64)
-        got = vjp((ct, jaxbn.BatchNormState(zeros, zeros, np.zeros((), jax.dtypes.float0))))
-        want = vjp_ref((ct, zeros, zeros))
         for a, b in zip(got, want):
             assert rel_err(a, b) < 1e-10
 
@@ -146,8 +155,9 @@ def test_ghost_batches_do_not_apply_at_inference():
     # tf-keras applied virtual batches at inference too (its issue 15790)
     x, gamma, beta, _ = problem(dtype=jnp.float32)
     s = jaxbn.init_state(5)._replace(mean=jnp.full(5, 0.5), var=jnp.full(5, 2.0))
-    y_g, _ = jaxbn.batch_norm(x, gamma, beta, s, training=False, virtual_batch_size=4)
-    y, _ = jaxbn.batch_norm(x, gamma, beta, s, training=False)
+    bn = jax.jit(jaxbn.batch_norm, static_argnames=("training", "virtual_batch_size"))
+    y_g, _ = bn(x, gamma, beta, s, training=False, virtual_batch_size=4)
+    y, _ = bn(x, gamma, beta, s, training=False)
     assert rel_err(y_g, y) == 0
 
 
@@ -155,16 +165,18 @@ def test_ghost_with_a_mask_skips_empty_groups(program):
     x, _, _, _ = problem(dtype=jnp.float32)
     mask = np.ones((24, 1), bool)
     mask[:8] = False  # the first two ghost batches of 4 see nothing
-    _, s = jaxbn.batch_norm(
-        x,
-        None,
-        None,
-        jaxbn.init_state(5),
-        training=True,
-        momentum=0.0,
-        virtual_batch_size=4,
-        mask=jnp.asarray(mask),
-    )
+    _, s = jax.jit(
+        lambda x, mask: jaxbn.batch_norm(
+            x,
+            None,
+            None,
+            jaxbn.init_state(5),
+            training=True,
+            momentum=0.0,
+            virtual_batch_size=4,
+            mask=mask,
+        )
+    )(x, jnp.asarray(mask))
     x64 = np.asarray(x, np.float64)
     groups = [np_stats(x64[i : i + 4]) for i in range(8, 24, 4)]
     assert rel_err(s.mean, np.mean([m for m, _ in groups], 0)) < 1e-6
@@ -187,18 +199,20 @@ def frozen_problem():
 
 def test_frozen_equals_eval_mode_and_gradients():
     x, gamma, beta, ct, state = frozen_problem()
-    y_eval, vjp_eval = jax.vjp(
-        lambda x, g, b: jaxbn.batch_norm(x, g, b, state, training=False)[0], x, gamma, beta
+    y_eval, grads_eval = vjp_jit(
+        lambda x, g, b: jaxbn.batch_norm(x, g, b, state, training=False)[0], (x, gamma, beta), ct
     )
-    y, vjp = jax.vjp(
-        lambda x, g, b: jaxbn.frozen_batch_norm(x, g, b, state, trainable=True), x, gamma, beta
+    y, grads = vjp_jit(
+        lambda x, g, b: jaxbn.frozen_batch_norm(x, g, b, state, trainable=True),
+        (x, gamma, beta),
+        ct,
     )
     assert rel_err(y, y_eval) == 0
-    for a, b in zip(vjp(ct), vjp_eval(ct)):
+    for a, b in zip(grads, grads_eval):
         assert rel_err(a, b) < 1e-6
-    _, vjp_frozen = jax.vjp(lambda x, g, b: jaxbn.frozen_batch_norm(x, g, b, state), x, gamma, beta)
-    dx, dg, db = vjp_frozen(ct)
-    assert rel_err(dx, vjp_eval(ct)[0]) < 1e-6
+    frozen = lambda x, g, b: jaxbn.frozen_batch_norm(x, g, b, state)  # noqa: E731
+    _, (dx, dg, db) = vjp_jit(frozen, (x, gamma, beta), ct)
+    assert rel_err(dx, grads_eval[0]) < 1e-6
     assert not np.any(np.asarray(dg)) and not np.any(np.asarray(db))
 
 
@@ -207,7 +221,7 @@ def test_frozen_state_gets_no_gradient():
     f = lambda m, v: jnp.sum(
         jaxbn.frozen_batch_norm(x, gamma, beta, state._replace(mean=m, var=v)) * ct
     )  # noqa: E731
-    dm, dv = jax.grad(f, (0, 1))(state.mean, state.var)
+    dm, dv = jax.jit(jax.grad(f, (0, 1)))(state.mean, state.var)
     assert not np.any(np.asarray(dm)) and not np.any(np.asarray(dv))
 
 
