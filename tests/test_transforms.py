@@ -119,6 +119,13 @@ def test_output_fuses_with_a_following_relu(training):
     assert "maximum" in root and " fusion(" in root and x_name in root, root
 
 
+JAX_MINOR = tuple(int(p) for p in jax.__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(
+    JAX_MINOR < (0, 10),
+    reason="jax 0.8 cannot batch psum_invariant inside a jaxpr (TypeError: axis_index_groups)",
+)
 @pytest.mark.parametrize("per_device_stats", [False, True])
 def test_vmap_over_a_shard_map_with_gradients_equals_a_loop(program, per_device_stats):
     # vmap over seeds of a data-parallel step: JAX turns the CPU program's conds into
