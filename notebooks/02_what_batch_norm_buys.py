@@ -355,7 +355,7 @@ plt.show()
 # - *Weights too large* (`1`): mostly the effective learning rate. At the fixed rate
 #   of 0.1 the plain network fails and batch norm loses accuracy; tuned, the plain
 #   network recovers most of the gap at the smallest rate of the sweep, and batch norm
-#   recovers fully at a rate ten or more times larger than its best at `0.1`: large
+#   nearly all of it at a rate several times larger than its best at `0.1`: large
 #   weights under batch norm take small effective steps, and a larger rate undoes it.
 # - *Weights far too large* (`10`): the plain network trains at no rate in the sweep;
 #   batch norm trains, but not fully at any rate, because the output layer (never
@@ -789,8 +789,8 @@ print(f"held-out accuracy, BN minus no BN, paired by seed: {mean_sd(acc_diff)}")
 # %% [markdown]
 # **What it shows.** Both networks fit all 300 training digits and stay there: batch
 # norm does not stop a network from memorizing its training set. Its gain in held-out
-# accuracy is small, under a percentage point on average, but of the same sign on the
-# seeds (the paired difference printed above). The held-out loss says more: without
+# accuracy is small, under a percentage point on average (the paired difference
+# printed above). The held-out loss says more: without
 # batch norm it bottoms out and climbs as the network grows confident in its
 # mistakes; with batch norm it hardly rises. Batch norm acts as a mild regularizer,
 # through the noise of batch statistics (Luo, Wang, Shao and Peng 2019, "Towards
@@ -1019,8 +1019,7 @@ plt.show()
 #   evaluating with batch statistics, as in training, is worse still.
 # - *Batch renormalization*, which changes training, recovers part of the loss at a
 #   batch of 2, and is no help at 4.
-# - *At a batch of 4* batch norm is close to, but below, the plain network, and
-#   population statistics close part of that gap.
+# - *At a batch of 4* batch norm is no better than the plain network.
 # - *At a large batch*, ghost batches of 16 are within the seeds' spread of plain batch
 #   norm on this small problem.
 #
@@ -1082,8 +1081,9 @@ assert (best[False, 1e-3][1] < 0.2).all() and (best[True, 1e-3][1] > 0.9).all()
 # large weights: at lr 0.1 the plain net fails; tuned, both recover, BN at a larger rate
 k1 = list(SCALES).index(1.0)
 assert (sweep[False]["test"][:, k1, k01] < 0.2).all() and (best[False, 1.0][1] > 0.6).all()
-assert best[True, 1.0][0] > 9 * best[True, 0.1][0] or best[True, 1.0][0] >= 1.0
+assert best[True, 1.0][0] >= 3 * best[True, 0.1][0]
 assert best[True, 1.0][1].mean() > sweep[True]["test"][:, k1, k01].mean() + 0.03
+assert best[True, 1.0][1].mean() > best_bn - 0.03
 assert (best[False, 10.0][1] < 0.2).all() and best[True, 10.0][1].mean() < best_bn - 0.05
 # §3a: without BN the sigmoid net vanishes and its forward spread collapses; BN is flat
 assert (ratio(("sigmoid", "1/sqrt(64)", False)) > 1e5).all()
@@ -1102,6 +1102,7 @@ acc_of = {arm: deep_acc[a] for a, arm in enumerate(ARMS)}
 assert acc_of[True, True, True].min() > acc_of[True, True, False].max() + 0.2
 assert acc_of[True, True, False].mean() < 0.5 and deep_nan[ARMS.index((True, False, True))].all()
 assert acc_of[False, True, False].mean() > acc_of[False, False, False].mean()
+assert acc_of[False, True, True].mean() > acc_of[False, False, True].mean()
 # §4: with BN, the loss varies less along the step and the gradient changes less
 assert np.median(land[True]["range"]) < np.median(land[False]["range"])
 assert np.median(land[True]["change"]) < np.median(land[False]["change"])
@@ -1121,5 +1122,6 @@ assert small[2, "BN, renorm"].mean() > small[2, "BN"].mean() + 0.1
 for b in (2, 4):
     assert small[b, "BN, batch statistics"].mean() < small[b, "BN"].mean()
 assert small[4, "BN"].mean() < small[4, "no BN"].mean() + 0.01
+assert small[4, "BN, renorm"].mean() < small[4, "BN"].mean() + 0.02
 assert abs(small[128, "ghost BN (16)"].mean() - small[128, "BN"].mean()) < 0.02
 print(f"all checks passed; the notebook ran in {time.perf_counter() - T_START:.0f} s")
