@@ -1044,8 +1044,9 @@ plt.show()
 # - *The paper's Figure 1 reproduces* (§6): stable input distributions and faster
 #   training come together. Whether one causes the other is disputed (Santurkar et al.
 #   2018).
-# - *Small batches* (§7): at 2 to 4, batch norm is worse than none; renormalization
-#   (Ioffe 2017) helps a little, corrected evaluation statistics do not.
+# - *Small batches* (§7): at 4 batch norm is no better than none, at 2 far worse;
+#   renormalization (Ioffe 2017) mends part of that at 2, corrected evaluation
+#   statistics do not.
 #
 # References: Ioffe and Szegedy 2015, "Batch Normalization: Accelerating Deep Network
 # Training by Reducing Internal Covariate Shift"; Ioffe 2017, "Batch Renormalization";
