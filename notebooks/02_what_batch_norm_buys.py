@@ -211,11 +211,10 @@ sweep = {}
 for bn in (False, True):
     params, states = stack([init_mlp(s, SIZES, sc, bn) for s, sc, _ in grid])
     (p, s), losses, _ = train_sgd(params, states, {"lr": lr_grid}, idx_grid)
-    acc = stacked_accuracy
     shape = (len(SEEDS3), len(SCALES), len(LRS))
     sweep[bn] = dict(
-        val=np.asarray(acc(p, s, X_val, Y_val)).reshape(shape),
-        test=np.asarray(acc(p, s, X_test, Y_test)).reshape(shape),
+        val=np.asarray(stacked_accuracy(p, s, X_val, Y_val)).reshape(shape),
+        test=np.asarray(stacked_accuracy(p, s, X_test, Y_test)).reshape(shape),
         diverged=~np.isfinite(np.asarray(losses)).all(-1).reshape(shape),
         loss=np.asarray(losses).reshape(*shape, -1),
     )
@@ -382,7 +381,7 @@ plt.show()
 # %%
 DEEP = [64] + [64] * 11 + [10]
 x_g, y_g = X_train[:512], Y_train[:512]
-ACTS = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}
+ACTS = ("tanh", "sigmoid")  # one program: is_tanh is a traced flag
 INIT_SCALES = {"0.01": 0.01, "1/sqrt(64)": 1 / 8, "1": 1.0}
 
 

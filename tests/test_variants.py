@@ -8,6 +8,10 @@ from reference import bn_ref, np_stats, rel_err, vjp_jit
 
 import jaxbn
 
+# one compiled program per shape and options (run eagerly, each op compiles on its own)
+STATIC = ("training", "momentum", "unbiased_running_var", "virtual_batch_size")
+batch_norm = jax.jit(jaxbn.batch_norm, static_argnames=STATIC)
+
 
 def problem(shape=(24, 5), seed=0, dtype=jnp.float64):
     rs = np.random.RandomState(seed)
@@ -23,17 +27,9 @@ def problem(shape=(24, 5), seed=0, dtype=jnp.float64):
 
 def test_unbiased_running_var_stores_n_over_n_minus_one():
     x, _, _, _ = problem(dtype=jnp.float32)
-    _, s = jax.jit(
-        lambda x: jaxbn.batch_norm(
-            x,
-            None,
-            None,
-            jaxbn.init_state(5),
-            training=True,
-            momentum=0.7,
-            unbiased_running_var=True,
-        )
-    )(x)
+    _, s = batch_norm(
+        x, None, None, jaxbn.init_state(5), training=True, momentum=0.7, unbiased_running_var=True
+    )
     x64 = np.asarray(x, np.float64)
     assert rel_err(s.var, 0.7 + 0.3 * x64.var(0, ddof=1)) < 1e-6
     assert rel_err(s.mean, 0.3 * x64.mean(0)) < 1e-6
@@ -42,18 +38,16 @@ def test_unbiased_running_var_stores_n_over_n_minus_one():
 def test_unbiased_running_var_with_mask_uses_each_features_count():
     x, _, _, _ = problem(dtype=jnp.float32)
     mask = np.random.RandomState(1).rand(24, 5) > 0.5
-    _, s = jax.jit(
-        lambda x, mask: jaxbn.batch_norm(
-            x,
-            None,
-            None,
-            jaxbn.init_state(5),
-            training=True,
-            momentum=0.0,
-            mask=mask,
-            unbiased_running_var=True,
-        )
-    )(x, jnp.asarray(mask))
+    _, s = batch_norm(
+        x,
+        None,
+        None,
+        jaxbn.init_state(5),
+        training=True,
+        momentum=0.0,
+        mask=jnp.asarray(mask),
+        unbiased_running_var=True,
+    )
     x64 = np.asarray(x, np.float64)
     expect = [x64[mask[:, j], j].var(ddof=1) for j in range(5)]
     assert rel_err(s.var, expect) < 1e-5
@@ -155,9 +149,8 @@ def test_ghost_batches_do_not_apply_at_inference():
     # tf-keras applied virtual batches at inference too (its issue 15790)
     x, gamma, beta, _ = problem(dtype=jnp.float32)
     s = jaxbn.init_state(5)._replace(mean=jnp.full(5, 0.5), var=jnp.full(5, 2.0))
-    bn = jax.jit(jaxbn.batch_norm, static_argnames=("training", "virtual_batch_size"))
-    y_g, _ = bn(x, gamma, beta, s, training=False, virtual_batch_size=4)
-    y, _ = bn(x, gamma, beta, s, training=False)
+    y_g, _ = batch_norm(x, gamma, beta, s, training=False, virtual_batch_size=4)
+    y, _ = batch_norm(x, gamma, beta, s, training=False)
     assert rel_err(y_g, y) == 0
 
 
@@ -165,18 +158,16 @@ def test_ghost_with_a_mask_skips_empty_groups(program):
     x, _, _, _ = problem(dtype=jnp.float32)
     mask = np.ones((24, 1), bool)
     mask[:8] = False  # the first two ghost batches of 4 see nothing
-    _, s = jax.jit(
-        lambda x, mask: jaxbn.batch_norm(
-            x,
-            None,
-            None,
-            jaxbn.init_state(5),
-            training=True,
-            momentum=0.0,
-            virtual_batch_size=4,
-            mask=mask,
-        )
-    )(x, jnp.asarray(mask))
+    _, s = batch_norm(
+        x,
+        None,
+        None,
+        jaxbn.init_state(5),
+        training=True,
+        momentum=0.0,
+        virtual_batch_size=4,
+        mask=jnp.asarray(mask),
+    )
     x64 = np.asarray(x, np.float64)
     groups = [np_stats(x64[i : i + 4]) for i in range(8, 24, 4)]
     assert rel_err(s.mean, np.mean([m for m, _ in groups], 0)) < 1e-6
