@@ -48,6 +48,13 @@ def _masked(v, m):
     return v if m is None else jnp.where(m, v, 0)
 
 
+def cond(pred, true_fn, false_fn, *operands):
+    """``lax.cond`` with its operands passed, not closed over, and marked varying like
+    ``pred`` first (:func:`jaxbn._compat.vary_like_predicate`: under ``vmap`` of a
+    ``shard_map`` JAX runs the cond as a select of both branches)."""
+    return lax.cond(pred, true_fn, false_fn, *vary_like_predicate(pred, *operands))
+
+
 def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Moments:
     """:func:`jaxbn._stats.moments`, computed as XLA:CPU runs fastest (see above)."""
     dt = compute_dtype(x.dtype)
@@ -63,34 +70,34 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
     fast = jnp.all(jnp.isfinite(var) & (msq <= FAST_LIMIT * var))
     if axis_name is not None:  # the shifted branch has collectives: all devices agree
         fast = lax.psum(jnp.where(fast, 0, 1), axis_name) == 0
-    x, m, mean, var, n = vary_like_predicate(fast, x, m, mean, var, n)
 
-    def fast_moments():
+    def fast_moments(x, m, mean, var, n):
         return Moments(mean, jnp.zeros_like(mean), jnp.maximum(var, 0), n)
 
-    def shifted_moments():
+    def sums(which, x, m, s):  # each sum its own pass, the scaled pair only where needed
+        parts = copies((x, m, s), len(which))
+        return psum(
+            tuple(
+                jnp.reshape(jnp.sum(_stats.stat_operands(xi, mi, si, feature_axes)[i], red), fshape)
+                for i, (xi, mi, si) in zip(which, parts)
+            ),
+            axis_name,
+            axis_index_groups,
+        )
+
+    def shifted_moments(x, m, mean, var, n):
         s = _stats.shift_of(x, m, feature_axes, axis_name, axis_index_groups)
-
-        def sums(which):  # each sum its own pass, the scaled pair only where needed
-            parts = copies((x, m, s), len(which))
-            return psum(
-                tuple(
-                    jnp.reshape(
-                        jnp.sum(_stats.stat_operands(xi, mi, si, feature_axes)[i], red), fshape
-                    )
-                    for i, (xi, mi, si) in zip(which, parts)
-                ),
-                axis_name,
-                axis_index_groups,
-            )
-
-        t1, t2 = sums((0, 1))
+        t1, t2 = sums((0, 1), x, m, s)
         finite = jnp.all(jnp.isfinite(t1) & jnp.isfinite(t2))  # psum'd: all devices agree
-        t1, t2, s = vary_like_predicate(finite, t1, t2, s)  # sums() reads s
-        t1b, t2b = lax.cond(finite, lambda: (t1, t2), lambda: sums((2, 3)))
+        t1b, t2b = cond(
+            finite,
+            lambda t1, t2, x, m, s: (t1, t2),
+            lambda t1, t2, x, m, s: sums((2, 3), x, m, s),
+            *(t1, t2, x, m, s),
+        )
         return _stats.combine((t1, t2, t1b, t2b), s, n, _stats._size(x, feature_axes))
 
-    return lax.cond(fast, fast_moments, shifted_moments)
+    return cond(fast, fast_moments, shifted_moments, x, m, mean, var, n)
 
 
 def sum_dy_xc(dy, x, shift, delta, rstd, s_dy, feature_axes):
@@ -98,13 +105,13 @@ def sum_dy_xc(dy, x, shift, delta, rstd, s_dy, feature_axes):
     red = reduced_axes(x.ndim, feature_axes)
     mean = shift + delta
     small = jnp.all(mean * mean * (rstd * rstd) <= BWD_LIMIT)
-    dy, x, shift, delta, mean, s_dy = vary_like_predicate(small, dy, x, shift, delta, mean, s_dy)
+    dt = mean.dtype
 
-    def unshifted():
-        return jnp.sum(dy.astype(mean.dtype) * x.astype(mean.dtype), red) - mean * s_dy
+    def unshifted(dy, x, shift, delta, s_dy):
+        return jnp.sum(dy.astype(dt) * x.astype(dt), red) - (shift + delta) * s_dy
 
-    def shifted():
-        dyf, xf = dy.astype(mean.dtype), x.astype(mean.dtype)
+    def shifted(dy, x, shift, delta, s_dy):
+        dyf, xf = dy.astype(dt), x.astype(dt)
         return jnp.sum(dyf * (xf - expand(shift, x.ndim, feature_axes)), red) - delta * s_dy
 
-    return lax.cond(small, unshifted, shifted)
+    return cond(small, unshifted, shifted, dy, x, shift, delta, s_dy)
