@@ -6,9 +6,12 @@ Forward: ``y`` is exactly :func:`jaxbn.batch_norm`'s (``jaxbn._core``: ``xc``,
 
 Backward. With ``g = dz * act'(p)`` (``act' = 1[p > 0]``, ``1[p >= 0] + s 1[p < 0]``
 or 1, as ``jax.nn`` differentiates them), the rule of ``jaxbn._core`` applies with
-``dy = g``, and ``dr = g``. ``g`` is never written out: each x-sized pass (one reduce
+``dy = g``, and ``dr = g``. ``g`` is not written out: each x-sized pass (one reduce
 for ``S1 = sum(g)`` and ``S2 = sum(g * xc)``, then ``dx``) recomputes it from what was
-kept. Two ways to keep it:
+kept. (XLA:CPU is the exception: keeping ``x``, there ``g`` is written once and the
+backward is the core's with ``dy = g``, the program XLA:CPU makes of ``batch_norm``
+then the activation: it runs a reduction with a mask inside slower than a write and
+plain sums.) Two ways to keep it:
 
 Keep ``x`` (the default). ``xc`` comes from ``x``; without a residual ``act'(p)`` comes
 from ``x`` and the per-feature vectors (``p = y``, recomputed bit for bit as the
@@ -52,9 +55,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _checks, _cpu
+from jaxbn import _checks
 from jaxbn._batch_norm import _config, _eval, _update, _vary_like_x, unbiased
 from jaxbn._core import _affine, _Config, _fwd, differentiable_per_platform
+from jaxbn._core import _backward_sums as _core_backward_sums
+from jaxbn._core import _dx as _core_dx
 from jaxbn._stats import compute_dtype, expand, psum, reduced_axes, standard_promotion, variadic_sum
 
 ACTIVATIONS = ("relu", "leaky_relu", "identity")
@@ -121,32 +126,17 @@ def _g_u(spec: _Spec, dz, big, pos, v: _Vec):
     return g, u
 
 
-def _sums(spec: _Spec, dz, big, pos, v: _Vec, *, cpu, fused=True):
-    """This device's ``(sum(g), sum(g * u))``, feature shape."""
-    red = reduced_axes(big.ndim, spec.cfg.axes)
-    if cpu and spec.keep == "x":
-        # XLA:CPU runs a reduction with a select inside 2-3x slower than a plain sum, so
-        # here g is written once (one pass, as an unfused dy), and its two sums are the
-        # core's CPU sums of dy = g (jaxbn._cpu), returned as sum(g * (x - shift)). The
-        # copies' barrier is what makes XLA write g: its operand is one value.
-        g = _g_u(spec, dz, big, pos, v)[0]
-        (g1, _, _), (g2, x2, sh2) = _cpu.copies((g, big, v.shift), 2)
-        s1 = jnp.reshape(jnp.sum(g1, red), v.rstd.shape)
-        s2 = _cpu.sum_dy_xc(g2, x2, sh2, v.delta, v.rstd, s1, spec.cfg.axes)
-        return s1, jnp.reshape(s2, v.rstd.shape) + v.delta * s1
-    # Keeping z (a memory option), XLA:CPU too gets the one variadic reduce: separate
-    # sums, with or without barrier copies, write g and u out (measured: a ResNet-18
-    # step's temporary memory then exceeds that of keeping x).
+def _sums(spec: _Spec, dz, big, pos, v: _Vec, fused):
+    """This device's ``(sum(g), sum(g * u))``, feature shape, in one reduce (``fused``)."""
     g, u = _g_u(spec, dz, big, pos, v)
     ops = (g, g * u)
+    red = reduced_axes(big.ndim, spec.cfg.axes)
     s1, s2 = variadic_sum(ops, red) if fused else (jnp.sum(o, red) for o in ops)
     return jnp.reshape(s1, v.rstd.shape), jnp.reshape(s2, v.rstd.shape)
 
 
-def _dx(spec: _Spec, dz, big, pos, v: _Vec, a, k0, k1, mask, *, cpu, fused=True):
+def _dx(spec: _Spec, dz, big, pos, v: _Vec, a, k0, k1, mask):
     """``dx = a * g + m * (k0 + k1 * u)`` and ``dr = g``, in one pass."""
-    if cpu and spec.keep == "x":  # the vectors too: a broadcast the forward shares is written out
-        dz, big, pos, v, a, k0, k1 = _cpu.copies((dz, big, pos, v, a, k0, k1), 1)[0]
     e = functools.partial(expand, ndim=big.ndim, feature_axes=spec.cfg.axes)
     g, u = _g_u(spec, dz, big, pos, v)
     stat = e(k0) + u * e(k1)
@@ -155,8 +145,47 @@ def _dx(spec: _Spec, dz, big, pos, v: _Vec, a, k0, k1, mask, *, cpu, fused=True)
     return (e(a) * g + stat).astype(dz.dtype), g.astype(dz.dtype)
 
 
-_sums_pp = differentiable_per_platform(_sums, fused=False)
-_dx_pp = differentiable_per_platform(_dx, fused=False)
+def _grads(spec: _Spec, dz, big, pos, v: _Vec, dmean, dvar, n, mask, *, cpu, fused=True):
+    """``(dx, dr, s1, s2)``: ``s1 = sum(g)`` and ``s2 = sum(g * xc)`` are this device's."""
+    cfg, dt = spec.cfg, v.rstd.dtype
+    rstd, gamma = v.rstd, v.gamma
+    a = rstd if gamma is None else rstd * gamma.astype(dt)
+    if cpu and spec.keep == "x":
+        # XLA:CPU runs a reduction with a mask or a broadcast inside 2-3x slower than a
+        # plain sum (measured on its YNNPACK reductions), so there g is written once, as
+        # an unfused dy would be (exactly, in dz's dtype, but for leaky_relu), and the
+        # core's CPU backward runs with dy = g: u = x - shift, dx = a * g + m * (...).
+        g = _g_u(spec, dz, big, pos, v)[0]
+        g = g if spec.activation == "leaky_relu" else g.astype(dz.dtype)
+        s1, s2 = _core_backward_sums(cfg, g, big, v.shift, v.delta, rstd, cpu=True)
+    else:
+        # Keeping z (a memory option), XLA:CPU too gets the one variadic reduce: separate
+        # sums, with or without barrier copies, write g and u out (measured: a ResNet-18
+        # step's temporary memory then exceeds that of keeping x).
+        s1, s2 = _sums(spec, dz, big, pos, v, fused)
+    ig: Any = 1.0
+    if spec.keep == "z":
+        if gamma is not None:
+            small = jnp.abs(gamma.astype(dt)) <= np.sqrt(np.finfo(dt).tiny)
+            ig = jnp.where(small, 0, 1 / jnp.where(small, 1, gamma.astype(dt)))
+        s2 = s2 * ig / rstd  # T -> sum(g * xc)
+    elif not cpu:
+        s2 = s2 - v.delta * s1  # sum(g * (x - shift)) -> sum(g * xc)
+    S1, S2 = psum((s1, s2), cfg.axis_name, cfg.groups)
+    n1 = jnp.maximum(n, 1).astype(dt)
+    k0 = (dmean.astype(dt) - a * S1) / n1
+    k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
+    if spec.keep == "z":
+        dx, dr = _dx(spec, dz, big, pos, v, a, k0, k1 * ig / rstd, mask)
+    elif cpu:
+        dx = _core_dx(cfg, g, big, v.shift, a, k0 - k1 * v.delta, k1, mask, cpu=True)
+        dr = g.astype(dz.dtype)
+    else:
+        dx, dr = _dx(spec, dz, big, pos, v, a, k0 - k1 * v.delta, k1, mask)
+    return dx, dr, s1, s2
+
+
+_grads_pp = differentiable_per_platform(_grads, fused=False)
 
 
 def _forward(spec: _Spec, x, gamma, beta, residual, mask, fallback):
@@ -186,29 +215,9 @@ def _train_fwd(spec, x, gamma, beta, residual, mask, fallback):
 def _train_bwd(spec: _Spec, saved, cotangents):
     (big, pos, v, mask, n), fallback = saved
     dz, dmean, dvar = cotangents[:3]
-    rstd, gamma, cfg = v.rstd, v.gamma, spec.cfg
-    dt = rstd.dtype
-    a = rstd if gamma is None else rstd * gamma.astype(dt)
-    s1, s2 = _sums_pp(spec, dz, big, pos, v)
-    if spec.keep == "z":
-        ig: Any = 1.0
-        if gamma is not None:
-            g = gamma.astype(dt)
-            small = jnp.abs(g) <= np.sqrt(np.finfo(dt).tiny)
-            ig = jnp.where(small, 0, 1 / jnp.where(small, 1, g))
-        s2 = s2 * ig / rstd  # T -> sum(g * xc)
-    else:
-        s2 = s2 - v.delta * s1  # sum(g * (x - shift)) -> sum(g * xc)
-    S1, S2 = psum((s1, s2), cfg.axis_name, cfg.groups)
-    n1 = jnp.maximum(n, 1).astype(dt)
-    k0 = (dmean.astype(dt) - a * S1) / n1
-    k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
-    if spec.keep == "z":
-        k1 = k1 * ig / rstd
-    else:
-        k0 = k0 - k1 * v.delta
-    dx, dr = _dx_pp(spec, dz, big, pos, v, a, k0, k1, mask)
-    dgamma = None if gamma is None else (rstd * s2).astype(gamma.dtype)
+    dx, dr, s1, s2 = _grads_pp(spec, dz, big, pos, v, dmean, dvar, n, mask)
+    gamma, cfg = v.gamma, spec.cfg
+    dgamma = None if gamma is None else (v.rstd * s2).astype(gamma.dtype)
     dbeta = None if cfg.beta_dtype is None else s1.astype(cfg.beta_dtype)
     zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
     return dx, dgamma, dbeta, dr if spec.residual else None, None, zeros(fallback)
@@ -264,7 +273,8 @@ def batch_norm_act(
     """Batch norm, a residual add and an activation as one op: ``z = act(y + residual)``.
 
     ``y`` is :func:`jaxbn.batch_norm`'s output (training or evaluation); the
-    hand-derived backward never writes ``dL/dy`` and keeps ``x`` alone (``relu``, or any
+    hand-derived backward does not write ``dL/dy`` (but on CPU, keeping ``x``, where
+    writing it once is fastest) and keeps ``x`` alone (``relu``, or any
     activation with a residual: plus one byte per value of ``sign(y + residual)`` for
     ``relu``/``leaky_relu``) or, with ``inplace=True``, the output ``z`` alone
     (``identity`` and ``leaky_relu``, as InPlace-ABN; with a residual, also the

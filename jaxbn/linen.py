@@ -124,8 +124,9 @@ class BatchNorm(nn.Module):
       activation: None (default: batch norm alone), or ``"relu"``,
         ``"leaky_relu"`` or ``"identity"``: the module returns
         ``activation(y + residual)`` computed by :func:`jaxbn.batch_norm_act`,
-        whose backward never writes ``dL/dy``. The variables are the same, so a
-        checkpoint of ``BatchNorm`` followed by ``nn.relu`` loads into
+        whose backward does not write ``dL/dy`` (but on CPU, keeping ``x``). The
+        variables are the same, so a checkpoint of ``BatchNorm`` followed by
+        ``nn.relu`` loads into
         ``BatchNorm(activation="relu")`` (same auto-name too). Not with
         ``renorm`` or ``virtual_batch_size``.
       negative_slope: leaky_relu's slope for negative inputs (> 0; default 0.01,

@@ -1,6 +1,7 @@
 """batch_norm_act against jax.vjp of the plain composition act(bn_ref(x) + r)."""
 
 import contextlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,37 @@ def test_clean_program_has_one_reduce_per_pass(act):
         text = lowered(jax.grad(f, (0, 1, 2)), x, gamma, beta)
         assert_clean(text)
         assert len(x_reductions(text, x.size)) == 2, x_reductions(text, x.size)
+
+
+def _entry(compiled_text):
+    """The optimized HLO's entry computation, without names and metadata."""
+    entry = compiled_text[compiled_text.index("ENTRY") :]
+    return re.sub(r"%[\w.-]+", "%v", re.sub(r", metadata=\{[^}]*\}", "", entry))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_program_keeping_x_is_batch_norm_then_relu(dtype):
+    # On XLA:CPU writing g once is the fastest form (jaxbn._act); XLA compiles BN then
+    # relu to that too, so the fused op must compile to exactly the same program.
+    rs = np.random.RandomState(0)
+    x, dz = (jnp.asarray(rs.randn(64, 16), dtype) for _ in range(2))
+    gamma, beta = jnp.asarray(rs.rand(16) + 0.5), jnp.asarray(rs.randn(16))
+    state = jaxbn.init_state(16)
+
+    def loss(bn_relu):
+        return lambda x, g, b, dz: jnp.sum(bn_relu(x, g, b).astype(jnp.float32) * dz)
+
+    def fused_op(x, g, b):
+        return jaxbn.batch_norm_act(x, g, b, state, training=True, activation="relu")[0]
+
+    def composition(x, g, b):
+        return jax.nn.relu(jaxbn.batch_norm(x, g, b, state, training=True)[0])
+
+    programs = [
+        _entry(jax.jit(jax.grad(loss(f), (0, 1, 2))).lower(x, gamma, beta, dz).compile().as_text())
+        for f in (fused_op, composition)
+    ]
+    assert programs[0] == programs[1]
 
 
 def test_across_devices_equals_one_device(program):
