@@ -1,8 +1,30 @@
-"""Strict mode for every test: rank promotion raises, 8 simulated CPU devices."""
+"""Strict mode for every test (rank promotion raises), 8 simulated CPU devices, and
+the settings that keep the suite's compile time down."""
 
+import importlib.util
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's LLVM optimization level 0: the tests' arrays are small, so a fifth less compile
+# time outweighs slower kernels (the HLO passes, and so every result, are the same).
+# The notebooks run without these flags (tests/test_notebooks.py).
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
+
+# Most of the suite's time is XLA compiling, and many programs compile more than once:
+# in another test's closure, in another xdist worker, in a subprocess (bench, demo).
+# One persistent compilation cache per run, shared by all of them: the key is the
+# program and the compile options, so a hit is the executable a compile would have
+# made. It starts empty and is removed at the end; jax locks it with filelock (without
+# filelock, no cache: concurrent processes could read a half-written entry).
+_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and importlib.util.find_spec("filelock"):
+    _CACHE = os.path.join(tempfile.gettempdir(), f"jaxbn-tests-xla-{os.getpid()}")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # the workers inherit it, not _CACHE
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)  # > 0: locked access
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 
@@ -49,3 +71,8 @@ def pytest_collection_modifyitems(config, items):
         group = item.nodeid if rank < len(NOTEBOOKS_SLOWEST_FIRST) else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=notebook_rank)  # stable: the rest keep their order
+
+
+def pytest_sessionfinish(session):
+    if _CACHE is not None:  # the process that made the cache: the xdist controller
+        shutil.rmtree(_CACHE, ignore_errors=True)
