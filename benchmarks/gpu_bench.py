@@ -4,7 +4,7 @@ Run on a machine with one NVIDIA GPU, from the repository root::
 
     pip install -e ".[flax]" "jax[cuda12]" torch && python benchmarks/gpu_bench.py --json gpu.json
 
-It runs ``jaxbn._bench`` (the shapes and modes of ``python -m jaxbn bench``, all
+It runs ``jaxbn.cli.bench`` (the shapes and modes of ``python -m jaxbn bench``, all
 JAX competitors interleaved) on the GPU, then times ``torch.nn.functional.batch_norm``
 (cuDNN) on the same shapes in NCHW and channels_last, and measures device-to-device
 copy bandwidth (``torch`` ``copy_`` of 1 GiB, counted as read + write). It prints each
@@ -95,7 +95,7 @@ def torch_fns(torch, shape, axis, dtype, device):
 def time_torch(torch, fns, reps, warmup, device):
     """Median milliseconds of each function, calls interleaved, caches flushed, synchronized."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    big = torch.ones(256 << 18, device=device)  # 256 MiB: more than any L2 (as jaxbn._bench)
+    big = torch.ones(256 << 18, device=device)  # 256 MiB: more than any L2 (as jaxbn.cli.bench)
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -123,7 +123,7 @@ def copy_bandwidth(torch, device, nbytes=1 << 30, reps=20):
 
 def report(rows, copy_gbps, markdown=False) -> tuple[str, dict]:
     """Per shape and mode: ms of everyone, jaxbn's share of copy bandwidth, ratios."""
-    from jaxbn._bench import MODES
+    from jaxbn.cli.bench import MODES
 
     if markdown:
         return _markdown(rows, copy_gbps, MODES)
@@ -203,8 +203,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
 
-    from jaxbn import _bench
-    from jaxbn._cli import parse_shape
+    from jaxbn.cli import bench as _bench
+    from jaxbn.cli.args import parse_shape
 
     start = time.perf_counter()
     try:

@@ -1,54 +1,8 @@
-"""Command line: ``python -m jaxbn COMMAND`` (also the ``jaxbn`` console script).
+"""``python -m jaxbn COMMAND``: the command line of :mod:`jaxbn.cli`."""
 
-Each command lives in its own module with its own ``main(argv) -> int``, imported only
-when it runs. Its arguments are parsed first (``jaxbn._cli``) and its extra's packages
-looked up without importing them, so ``--help``, ``--version``, a wrong option and a
-missing extra are answered without importing jax.
-"""
-
-from __future__ import annotations
-
-import importlib
 import sys
 
-from jaxbn import __version__
-from jaxbn._cli import COMMANDS, missing_message
-
-
-def usage() -> str:
-    lines = [
-        "usage: jaxbn COMMAND [options]   (jaxbn COMMAND --help for a command's options)",
-        "       jaxbn --version",
-        "",
-    ]
-    lines += [f"  {name:<7}{help_}" for name, (_, help_, *_) in COMMANDS.items()]
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if argv else 2
-    if argv[0] in ("-V", "--version"):
-        print(f"jaxbn {__version__}")
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(
-            f"jaxbn: unknown command {name!r}; expected one of {', '.join(COMMANDS)}.\n",
-            file=sys.stderr,
-        )
-        print(usage(), file=sys.stderr)
-        return 2
-    module_name, _, parser, _, _ = COMMANDS[name]
-    parser().parse_args(rest)  # exits here on --help or a wrong option
-    message = missing_message(name)
-    if message is not None:
-        print(message, file=sys.stderr)
-        return 1
-    return importlib.import_module(module_name).main(rest)
-
+from jaxbn.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ from reference import bn_ref, rel_err, vjp_jit
 from test_programs import assert_clean, lowered, x_reductions
 
 import jaxbn
-from jaxbn._bench import residual_bytes
+from jaxbn.cli.bench import residual_bytes
 
 SLOPE = 0.1
 ACTS = {

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxbn
-from jaxbn import _bench
+from jaxbn.cli import bench as _bench
 
 
 def test_quick_run_prints_the_table_and_writes_the_json(tmp_path, capsys):

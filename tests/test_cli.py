@@ -18,7 +18,7 @@ DRIVER = """
 import sys
 for name in {blocked!r}:
     sys.modules[name] = None
-from jaxbn.__main__ import main
+from jaxbn.cli import main
 code = main(sys.argv[1:])
 print("jax imported:", "jax" in sys.modules)
 sys.exit(code)

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxbn import _demo
-from jaxbn.__main__ import main
+from jaxbn.cli import demo as _demo
+from jaxbn.cli import main
 
 ROW = re.compile(r"^(without|with) batch norm\s+([01]\.\d{4})\s+(\d+|never)\s+(\d+\.\d)$", re.M)
 
@@ -70,7 +70,7 @@ def test_import_jaxbn_needs_none_of_the_demo_dependencies():
     code = (
         "import sys; names = ('matplotlib', 'tqdm', 'sklearn', 'optax', 'flax'); "
         "loaded = lambda: [m for m in names if m in sys.modules]; "
-        "import jaxbn; print(loaded()); import jaxbn._demo; print(loaded())"
+        "import jaxbn; print(loaded()); import jaxbn.cli.demo; print(loaded())"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn._batch_norm import batch_norm
-from jaxbn._cli import check_parser
 from jaxbn._state import init_state
+from jaxbn.cli.args import check_parser
 
 CASES = [  # (layout, shape, feature axis)
     ("(N, D)", (256, 64), -1),

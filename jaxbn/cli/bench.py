@@ -47,7 +47,9 @@ import numpy as np
 
 from jaxbn._act import batch_norm_act
 from jaxbn._batch_norm import batch_norm
-from jaxbn._bench_host import (
+from jaxbn._state import init_state
+from jaxbn.cli.args import bench_parser
+from jaxbn.cli.bench_host import (
     JEMALLOC_CONF,
     _jemalloc,
     _minor_faults,
@@ -57,7 +59,7 @@ from jaxbn._bench_host import (
     machine,
     tune_glibc,
 )
-from jaxbn._bench_report import (
+from jaxbn.cli.bench_report import (
     MODES,
     TARGETS,
     compare,
@@ -66,8 +68,6 @@ from jaxbn._bench_report import (
     median_of_runs,
     summarize,
 )
-from jaxbn._cli import bench_parser
-from jaxbn._state import init_state
 
 SHAPES = [  # (shape, feature axis, dtype)
     ((4096, 1024), -1, "float32"),

@@ -102,21 +102,21 @@ def bench_parser() -> argparse.ArgumentParser:
 # name: (module, one-line help, parser, (import name, distribution) it needs, extra)
 COMMANDS = {
     "check": (
-        "jaxbn._check",
+        "jaxbn.cli.check",
         "hand-derived backward vs float64 autodiff on this backend",
         check_parser,
         (),
         None,
     ),
     "demo": (
-        "jaxbn._demo",
+        "jaxbn.cli.demo",
         "train a small CNN on sklearn's digits with and without batch norm",
         demo_parser,
         (("optax", "optax"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")),
         "examples",
     ),
     "bench": (
-        "jaxbn._bench",
+        "jaxbn.cli.bench",
         "benchmark against Flax and the memory-traffic floor",
         bench_parser,
         (("flax", "flax"),),

@@ -18,8 +18,8 @@ import optax
 from jax import lax
 
 from jaxbn._batch_norm import batch_norm
-from jaxbn._cli import demo_parser
 from jaxbn._state import init_state
+from jaxbn.cli.args import demo_parser
 
 CONV_WIDTHS = (16, 32, 64)  # 3x3 convolutions; the last two have stride 2: 8x8 -> 4x4 -> 2x2
 TARGET = 0.9  # the accuracy whose first crossing the table reports
