@@ -1,7 +1,6 @@
 """Strict mode for every test (rank promotion raises), 8 simulated CPU devices, and
 the settings that keep the suite's compile time down."""
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -14,17 +13,20 @@ os.environ.setdefault(
 )
 
 # Most of the suite's time is XLA compiling, and many programs compile more than once:
-# in another test's closure, in another xdist worker, in a subprocess (bench, demo).
-# One persistent compilation cache per run, shared by all of them: the key is the
-# program and the compile options, so a hit is the executable a compile would have
-# made. It starts empty and is removed at the end; jax locks it with filelock (without
-# filelock, no cache: concurrent processes could read a half-written entry).
-_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ and importlib.util.find_spec("filelock"):
+# in another test's closure, in the other xdist worker, in a subprocess (bench, demo,
+# check). One persistent compilation cache per run, made by the first pytest process
+# and inherited by the workers and their subprocesses: the key is the program and the
+# compile options, so a hit is the executable a compile would have made. It starts
+# empty and is removed at the end. jax writes an entry without a lock (its locking
+# comes with eviction, which rescans the whole cache on every write), so a process may
+# read an entry another is still writing: jax then warns and compiles, and
+# pyproject.toml lets that one warning through.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = os.path.join(tempfile.gettempdir(), f"jaxbn-tests-xla-{os.getpid()}")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # the workers inherit it, not _CACHE
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)  # > 0: locked access
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+else:  # an xdist worker (or the user's own cache)
+    _CACHE = None
 
 import jax  # noqa: E402
 
@@ -74,5 +76,5 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session):
-    if _CACHE is not None:  # the process that made the cache: the xdist controller
+    if _CACHE is not None:
         shutil.rmtree(_CACHE, ignore_errors=True)
