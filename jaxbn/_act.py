@@ -159,9 +159,9 @@ def _grads(spec: _Spec, dz, big, pos, v: _Vec, dmean, dvar, n, mask, *, cpu, fus
         g = g if spec.activation == "leaky_relu" else g.astype(dz.dtype)
         s1, s2 = _core_backward_sums(cfg, g, big, v.shift, v.delta, rstd, cpu=True)
     else:
-        # Keeping z (a memory option), XLA:CPU too gets the one variadic reduce: separate
-        # sums, with or without barrier copies, write g and u out (measured: a ResNet-18
-        # step's temporary memory then exceeds that of keeping x).
+        # The one variadic reduce, also on XLA:CPU when keeping z (a memory option):
+        # separate sums, with or without barrier copies, write g and u out there
+        # (measured: a ResNet-18 step's temporary memory then exceeds keeping x's).
         s1, s2 = _sums(spec, dz, big, pos, v, fused)
     ig: Any = 1.0
     if spec.keep == "z":
