@@ -57,7 +57,7 @@ import numpy as np
 
 from jaxbn import _checks
 from jaxbn._batch_norm import _config, _eval, _update, _vary_like_x, unbiased
-from jaxbn._core import _affine, _Config, _fwd, differentiable_per_platform
+from jaxbn._core import _affine, _Config, _fwd, coefficients, differentiable_per_platform
 from jaxbn._core import _backward_sums as _core_backward_sums
 from jaxbn._core import _dx as _core_dx
 from jaxbn._stats import compute_dtype, expand, psum, reduced_axes, standard_promotion, variadic_sum
@@ -150,7 +150,8 @@ def _grads(spec: _Spec, dz, big, pos, v: _Vec, dmean, dvar, n, mask, *, cpu, fus
     cfg, dt = spec.cfg, v.rstd.dtype
     rstd, gamma = v.rstd, v.gamma
     a = rstd if gamma is None else rstd * gamma.astype(dt)
-    if cpu and spec.keep == "x":
+    cpu_keep_x = cpu and spec.keep == "x"
+    if cpu_keep_x:
         # XLA:CPU runs a reduction with a mask or a broadcast inside 2-3x slower than a
         # plain sum (measured on its YNNPACK reductions), so there g is written once, as
         # an unfused dy would be (exactly, in dz's dtype, but for leaky_relu), and the
@@ -169,15 +170,13 @@ def _grads(spec: _Spec, dz, big, pos, v: _Vec, dmean, dvar, n, mask, *, cpu, fus
             small = jnp.abs(gamma.astype(dt)) <= np.sqrt(np.finfo(dt).tiny)
             ig = jnp.where(small, 0, 1 / jnp.where(small, 1, gamma.astype(dt)))
         s2 = s2 * ig / rstd  # T -> sum(g * xc)
-    elif not cpu:
+    elif not cpu_keep_x:
         s2 = s2 - v.delta * s1  # sum(g * (x - shift)) -> sum(g * xc)
     S1, S2 = psum((s1, s2), cfg.axis_name, cfg.groups)
-    n1 = jnp.maximum(n, 1).astype(dt)
-    k0 = (dmean.astype(dt) - a * S1) / n1
-    k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
+    k0, k1 = coefficients(a, rstd, S1, S2, dmean, dvar, n)
     if spec.keep == "z":
         dx, dr = _dx(spec, dz, big, pos, v, a, k0, k1 * ig / rstd, mask)
-    elif cpu:
+    elif cpu_keep_x:
         dx = _core_dx(cfg, g, big, v.shift, a, k0 - k1 * v.delta, k1, mask, cpu=True)
         dr = g.astype(dz.dtype)
     else:

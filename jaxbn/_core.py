@@ -235,6 +235,15 @@ _backward_sums_pp = differentiable_per_platform(_backward_sums, fused=False)
 _dx_pp = differentiable_per_platform(_dx)
 
 
+def coefficients(a, rstd, S1, S2, dmean, dvar, n):
+    """``k0, k1`` of the rule above, from the (psum'd) sums ``S1``, ``S2`` and count ``n``."""
+    dt = a.dtype
+    n1 = jnp.maximum(n, 1).astype(dt)
+    k0 = (dmean.astype(dt) - a * S1) / n1
+    k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
+    return k0, k1
+
+
 def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
     x, shift, delta, rstd, gamma, mask, n, r, d = res
     dy, dmean, dvar = cotangents[:3]  # the count's cotangent, if any, is ignored
@@ -244,9 +253,7 @@ def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
         a = a * r
     s_dy, s_dyxc = _backward_sums_pp(cfg, dy, x, shift, delta, rstd)
     S1, S2 = psum((s_dy, s_dyxc), cfg.axis_name, cfg.groups)
-    n1 = jnp.maximum(n, 1).astype(dt)
-    k0 = (dmean.astype(dt) - a * S1) / n1
-    k1 = (2 * dvar.astype(dt) - a * rstd * rstd * S2) / n1
+    k0, k1 = coefficients(a, rstd, S1, S2, dmean, dvar, n)
     dx = _dx_pp(cfg, dy, x, shift, a, k0 - k1 * delta, k1, mask)
     if gamma is None:
         dgamma = None
