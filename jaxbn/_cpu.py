@@ -15,8 +15,8 @@ Statistics. Flax's two sums (``s = 0`` in ``jaxbn._stats``) where that is provab
 accurate: every feature has a finite ``var`` and ``msq <= K * var`` (``K = 16``,
 i.e. ``|mean| <= 3.9 std``). The error bound of ``jaxbn._stats`` is then at most
 ``4 g (1 + 16)``: var within 6e-6 at the limit (measured). Otherwise (offsets,
-constant features, overflow, NaN), a ``cond`` runs the clean algorithm, its sums as
-separate reductions. Every device takes the same branch (a psum'd flag).
+constant features, overflow, NaN), a ``cond`` runs the clean algorithm, its two sums
+as separate reductions. Every device takes the same branch (a psum'd flag).
 
 Backward. ``S2 = sum(dy * x) - mean * S1`` where every feature has
 ``|mean| <= 4 std``: the rounding error is then a few ulp of
@@ -74,28 +74,18 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
     def fast_moments(x, m, mean, var, n):
         return Moments(mean, jnp.zeros_like(mean), jnp.maximum(var, 0), n)
 
-    def sums(which, x, m, s):  # each sum its own pass, the scaled pair only where needed
-        parts = copies((x, m, s), len(which))
-        return psum(
+    def shifted_moments(x, m, mean, var, n):  # the clean program's sums, each its own pass
+        s = _stats.shift_of(x, m, feature_axes, axis_name, axis_index_groups)
+        parts = copies((x, m, s), 2)
+        sums = psum(
             tuple(
                 jnp.reshape(jnp.sum(_stats.stat_operands(xi, mi, si, feature_axes)[i], red), fshape)
-                for i, (xi, mi, si) in zip(which, parts)
+                for i, (xi, mi, si) in enumerate(parts)
             ),
             axis_name,
             axis_index_groups,
         )
-
-    def shifted_moments(x, m, mean, var, n):
-        s = _stats.shift_of(x, m, feature_axes, axis_name, axis_index_groups)
-        t1, t2 = sums((0, 1), x, m, s)
-        finite = jnp.all(jnp.isfinite(t1) & jnp.isfinite(t2))  # psum'd: all devices agree
-        t1b, t2b = cond(
-            finite,
-            lambda t1, t2, x, m, s: (t1, t2),
-            lambda t1, t2, x, m, s: sums((2, 3), x, m, s),
-            *(t1, t2, x, m, s),
-        )
-        return _stats.combine((t1, t2, t1b, t2b), s, n, _stats._size(x, feature_axes))
+        return _stats.combine(sums, s, n, _stats._size(x, feature_axes))
 
     return cond(fast, fast_moments, shifted_moments, x, m, mean, var, n)
 

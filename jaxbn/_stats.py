@@ -2,21 +2,23 @@ r"""Reductions over ``x``: the batch statistics and the backward's two sums.
 
 This is the clean program, the one every platform but CPU runs (``jaxbn._platform``;
 XLA:CPU's variants are in ``jaxbn._cpu``). Each computation reads ``x`` once, in one
-variadic ``reduce``: XLA emits it as one kernel.
+``reduce`` of two operands: XLA:GPU fuses the elementwise work into it and emits one
+kernel (with three or more operands it writes them out first: see :func:`variadic_sum`).
 
-Statistics, per feature, over the ``n`` values that count (``m`` the mask as 0/1)::
+Statistics, per feature, over the ``n`` values that count (``m`` the mask as 0/1,
+``N`` the reduced positions)::
 
-    s   = the first value of the batch that counts           # the shift: a gather
-    v   = m * (x - s)                                         # exact near s (Sterbenz)
-    S1, S2, n = sum(v), sum(v * v), sum(m)                    # one pass, one reduce
-    d   = S1 / n
-    var = max(S2 / n - d**2, 0)
-    shift, delta = TwoSum(s, d)                               # mean = shift + delta
+    s   = a value of the batch that counts                    # the shift: see shift_of
+    h   = m * (x / 2 - s / 2)                                 # (x - s) / 2, exact near s
+    S1, S2 = sum(h / N), sum((h * 2 / sqrt(N))**2)            # one pass, one reduce
+    d/2 = S1 * N / n,   msq = S2 * N / n                      # mean(x - s)/2, mean((x - s)**2)
+    var = max(msq - d**2, 0)
+    shift, delta = 2 * TwoSum(s / 2, d / 2)                   # mean = shift + delta
 
 Error. With ``g`` the relative error of a float sum of ``n`` terms (``g <= n u``,
 about ``u log2 n`` for XLA's tree reductions, ``u`` the unit roundoff), ``S2`` is
-off by at most ``g S2`` (positive terms) and ``S1`` by ``g sum(|v|) <= g n sqrt(S2/n)``.
-Since ``S2 / n = var + d**2``::
+off by at most ``g S2`` (positive terms; the scalings by 1/2 and the rounded
+``2 / sqrt(N)`` add ``3 u``) and ``S1`` by ``g sum(|h|)``. Since ``msq = var + d**2``::
 
     |err var| <= g (var + d**2) + 2 |d| g sqrt(var + d**2) + u d**2
               <= 4 g (var + d**2),   so   |err var| / var <= 4 g (1 + (mean - s)**2 / var)
@@ -32,15 +34,21 @@ reduce is one sequential loop, ``g ~ sqrt(n) u``), 3.4e-7 for ``jaxbn._cpu``'s.
 ``mean`` is off by ``g sqrt(var + d**2)``, i.e. ``g`` standard deviations times the
 same factor, and ``x - mean`` is taken as ``(x - shift) - delta``: rounding the mean
 to one float alone would be off by 0.03 std at a 1e6 offset. A constant feature
-gives ``v == 0`` exactly, hence ``var == 0``, ``delta == 0`` and an output of
+gives ``h == 0`` exactly, hence ``var == 0``, ``delta == 0`` and an output of
 exactly ``beta``.
 
-Range. Where ``S1`` or ``S2`` overflows (values beyond about 1e19 in float32), the
-same reduce also holds ``S1'``, ``S2'`` of ``x * c - s * c``, ``c = 2**-64`` (exact
-scalings), used for that feature instead: the statistics are then right whenever
-they are representable, and a variance beyond the dtype's range is ``inf`` (that
-feature's output is then ``beta``). Squares below the smallest normal number
-(``|x - s| < 1e-19`` in float32) round towards 0, as ``var + eps`` does anyway.
+Range. Every term is finite for finite ``x``: ``h`` is a difference of halves, and
+each square is divided by ``N`` before it is summed, so ``S1`` and ``S2`` overflow only
+where ``|mean - s|`` or ``msq`` is beyond the dtype's range. Where ``msq`` overflows,
+``var`` is ``inf`` and that feature's output is ``beta`` (never NaN). That loses the
+variance only where ``msq = var + (mean - s)**2`` exceeds the range while ``var``
+does not: with ``s`` a value of the batch, ``var > msq / n``, so within a factor ``n``
+of the dtype's maximum (above 3.4e38 / n in float32). An earlier form kept that band
+with a second pair of sums of ``x * 2**-64``; a reduce of four operands is not fused
+by XLA:GPU for NHWC and ``(N, D)`` (11 S instead of 3 S for a training forward), so
+the band was given up for the common case's bytes. Squares below the smallest
+normal number (``|x - s| < 1e-19 sqrt(N)`` in float32) round towards 0, as
+``var + eps`` does anyway.
 
 Across devices (``axis_name``), ``s`` is the value of the first device that holds
 one (a ``pmin`` and a ``psum`` of feature vectors), so one shift serves all, and the
@@ -65,8 +73,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-_SCALE_EXP = 64  # c = 2**-64: the scaled sums' factor (see Range above)
 
 
 class Moments(NamedTuple):
@@ -146,7 +152,36 @@ def reduced_axes(ndim: int, feature_axes) -> tuple[int, ...]:
 
 
 def variadic_sum(operands, axes):
-    """The sums of several same-shaped arrays over ``axes`` in one ``reduce``."""
+    """The sums of several same-shaped arrays over ``axes`` in one ``reduce`` (one kernel).
+
+    Where ``axes`` are the leading axes (features minor: NHWC, ``(N, D)``), the sum is
+    a column reduction, and XLA:GPU fuses an elementwise producer that reads a
+    per-feature vector (``x - s``, a mask) into one only when the reduced extent is split
+    in two: unsplit, it writes the operands out and reads them back (measured on the
+    compiled H100 program: 7 S instead of 3 S for a (4096, 1024) forward). XLA splits
+    large extents itself; here every one is, as ``(k, R / k)`` with ``k`` the largest
+    divisor of ``R`` up to ``sqrt(R)``, summed over ``R / k`` and then over ``k`` (a
+    pairwise step, which only lowers the rounding error).
+    """
+    shape = jnp.shape(operands[0])
+    lead = len(axes)
+    static = all(isinstance(d, int) for d in shape)  # not under symbolic shapes (jax.export)
+    k = _split(math.prod(shape[:lead])) if static and tuple(axes) == tuple(range(lead)) else 1
+    if k > 1:
+        r = math.prod(shape[:lead])
+        ops = tuple(jnp.reshape(o, (k, r // k) + tuple(shape[lead:])) for o in operands)
+        return _reduce(_reduce(ops, (1,)), (0,))
+    return _reduce(tuple(operands), tuple(axes))
+
+
+def _split(r: int) -> int:
+    """The largest divisor of ``r`` up to ``sqrt(r)`` (1 for ``r < 16``: nothing to gain)."""
+    if r < 16:
+        return 1
+    return max(d for d in range(1, math.isqrt(r) + 1) if r % d == 0)
+
+
+def _reduce(operands, axes):
     zeros = tuple(jnp.zeros((), o.dtype) for o in operands)
     return lax.reduce(tuple(operands), zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), axes)
 
@@ -181,8 +216,9 @@ def _candidates(x, m, feature_axes):
     total = math.prod(sizes)
     kept = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
     fshape = tuple(x.shape[a] for a in feature_axes)
+    slices = m is None and isinstance(total, int) and total > 0  # static, not symbolic
     if m is None:
-        positions = [jnp.asarray(p, jnp.int32) for p in (0, total // 2, total - 1)]
+        positions = [0, total // 2, total - 1]
         has = jnp.full(fshape, total > 0)
     else:
         lin = sum(
@@ -208,12 +244,19 @@ def _candidates(x, m, feature_axes):
         has = jnp.reshape(jnp.broadcast_to(has, kept), fshape)
     vals = []
     for p in positions:
-        idx = tuple(
-            jnp.broadcast_to((p // strides[red.index(a)]) % sizes[red.index(a)], kept)
-            if a in red
-            else lax.broadcasted_iota(jnp.int32, kept, a)
-            for a in range(x.ndim)
-        )
+        if slices:  # static positions: slices, not gathers
+            idx = tuple(
+                (p // strides[red.index(a)]) % sizes[red.index(a)] if a in red else slice(None)
+                for a in range(x.ndim)
+            )
+        else:
+            p = jnp.clip(jnp.asarray(p, jnp.int32), 0, None)
+            idx = tuple(
+                jnp.broadcast_to((p // strides[red.index(a)]) % sizes[red.index(a)], kept)
+                if a in red
+                else lax.broadcasted_iota(jnp.int32, kept, a)
+                for a in range(x.ndim)
+            )
         vals.append(jnp.reshape(_gather(x, idx).astype(dt), fshape))
     return vals, has
 
@@ -235,22 +278,20 @@ def variadic_minmax(operands, axes):
 
 
 def stat_operands(x, m, s, feature_axes):
-    """The x-sized operands of the statistics' sums: ``v / N``, ``v * v / N`` and the twins.
+    """The x-sized operands of the statistics' two sums: ``h / N`` and ``(h c)**2``.
 
+    ``h = x / 2 - s / 2`` is ``(x - s) / 2``, exact where ``x - s`` is and finite for
+    every finite ``x`` and ``s``; ``c = 2 / sqrt(N)`` makes ``(h c)**2 = (x - s)**2 / N``.
     ``N`` is the static number of reduced positions on this device: terms divided
-    before they are summed keep every sum, and ``S1**2``, within range (XLA rewrites
-    ``(S1 / N)**2`` as ``S1**2 / N**2`` where ``N`` is a constant).
+    before they are summed keep every partial sum within the total's range.
     """
     dt = compute_dtype(x.dtype)
-    inv = 1 / jnp.maximum(jnp.asarray(_size(x, feature_axes), real_dtype(dt)), 1)
+    size = jnp.maximum(jnp.asarray(_size(x, feature_axes), real_dtype(dt)), 1)
     se = expand(s, x.ndim, feature_axes)
-    xf = x.astype(dt)
-    c = jnp.asarray(2.0**-_SCALE_EXP, real_dtype(dt))
-    v = xf - se
-    vb = xf * c - se * c
+    h = x.astype(dt) * 0.5 - se * 0.5
     if m is not None:
-        v, vb = jnp.where(m, v, 0), jnp.where(m, vb, 0)
-    return v * inv, abs2(v) * inv, vb * inv, abs2(vb) * inv
+        h = jnp.where(m, h, 0)
+    return h * (1 / size), abs2(h * (2 / jnp.sqrt(size)))
 
 
 def _size(x, feature_axes):
@@ -262,28 +303,18 @@ def combine(sums, s, n, size) -> Moments:
 
     ``n`` is the count (all devices), ``size`` the static ``N`` of one device.
     """
-    s1, s2, s1b, s2b = sums
+    s1, s2 = sums
     dt = s2.dtype  # real
-    r = jnp.maximum(jnp.asarray(size, dt), 1) / jnp.maximum(n, 1).astype(
-        dt
-    )  # 1 unmasked on one device
-    normal = jnp.isfinite(s1) & jnp.isfinite(s2)
-    c = jnp.where(normal, 1, jnp.asarray(2.0**-_SCALE_EXP, dt))
-    d = jnp.where(normal, s1, s1b) * r
-    msq = jnp.where(normal, s2, s2b) * r
-    # var_c / c**2 as two products: c**2 is subnormal (0 where denormals are flushed)
-    k = jnp.where(normal, 1, jnp.asarray(2.0**_SCALE_EXP, dt))
-    var = jnp.maximum(msq - abs2(d), 0) * k * k
-    sc = s * c
+    r = jnp.maximum(jnp.asarray(size, dt), 1) / jnp.maximum(n, 1).astype(dt)
+    half_d, msq = s1 * r, s2 * r  # mean(x - s) / 2 and mean((x - s)**2)
+    var = jnp.where(jnp.isfinite(msq), jnp.maximum(msq - 4 * abs2(half_d), 0), jnp.inf)
+    hs = s * 0.5  # mean / 2 = hs + half_d, both finite: TwoSum on the halves, then * 2
     if jnp.iscomplexobj(s):
-        (hr, lr), (hi, li) = _two_sum(sc.real, d.real), _two_sum(sc.imag, d.imag)
+        (hr, lr), (hi, li) = _two_sum(hs.real, half_d.real), _two_sum(hs.imag, half_d.imag)
         hi_, lo = lax.complex(hr, hi), lax.complex(lr, li)
     else:
-        hi_, lo = _two_sum(sc, d)
-    ok = jnp.isfinite(hi_)
-    shift = jnp.where(ok, hi_, sc) / c
-    delta = jnp.where(ok, lo, d) / c
-    return Moments(shift, delta, var, n)
+        hi_, lo = _two_sum(hs, half_d)
+    return Moments(hi_ * 2, lo * 2, var.astype(dt), n)
 
 
 def _two_sum(a, b):
@@ -317,18 +348,10 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
     """
     red = reduced_axes(x.ndim, feature_axes)
     s = shift_of(x, m, feature_axes, axis_name, axis_index_groups)
-    ops = stat_operands(x, m, s, feature_axes)
-    if m is not None:
-        ops = ops + (jnp.broadcast_to(m, x.shape).astype(jnp.int32),)
-    sums = variadic_sum(ops, red)
-    fshape = s.shape
-    sums = tuple(jnp.reshape(t, fshape) for t in sums)
-    if m is None:
-        n = count_of(x, m, feature_axes, axis_name, axis_index_groups)
-        sums = psum(sums, axis_name, axis_index_groups)
-    else:
-        *sums, n = psum(sums, axis_name, axis_index_groups)
-    return combine(tuple(sums), s, n, _size(x, feature_axes))
+    sums = variadic_sum(stat_operands(x, m, s, feature_axes), red)
+    sums = psum(tuple(jnp.reshape(t, s.shape) for t in sums), axis_name, axis_index_groups)
+    n = count_of(x, m, feature_axes, axis_name, axis_index_groups)
+    return combine(sums, s, n, _size(x, feature_axes))
 
 
 def moments_tangent(x, m, feature_axes, axis_name, axis_index_groups, mo: Moments, dx):
