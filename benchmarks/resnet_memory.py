@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,25 +34,31 @@ import jaxbn.linen
 SLOPE = 0.01
 
 
-def _norm(kind: str, train: bool, *, act: bool):
-    """``f(h, residual) -> leaky_relu(bn(h) + residual)`` (no activation if ``act`` is False)."""
+def _norm(kind: str, train: bool, *, act: bool, activation: str = "leaky_relu", dtype=None):
+    """``f(h, residual) -> act(bn(h) + residual)`` (no activation if ``act`` is False)."""
     if kind == "flax":
-        bn = nn.BatchNorm(use_running_average=not train)
+        bn = nn.BatchNorm(use_running_average=not train, dtype=dtype)
     else:
-        bn = jaxbn.linen.BatchNorm(use_running_average=not train)
+        bn = jaxbn.linen.BatchNorm(use_running_average=not train, dtype=dtype)
     if kind != "fused":
+        fn = (
+            functools.partial(nn.leaky_relu, negative_slope=SLOPE)
+            if activation == "leaky_relu"
+            else nn.relu
+        )
 
         def f(h, residual=None):
             y = bn(h) if residual is None else bn(h) + residual
-            return nn.leaky_relu(y, SLOPE) if act else y
+            return fn(y) if act else y
 
         return f
-    activation = "leaky_relu" if act else None
     fused = jaxbn.linen.BatchNorm(
         use_running_average=not train,
-        activation=activation,
+        activation=activation if act else None,
         negative_slope=SLOPE,
-        inplace=act,  # invertible: keep only the output (and the residual)
+        # invertible: keep only the output (and the residual); relu keeps x
+        inplace=act and activation != "relu",
+        dtype=dtype,
     )
     return lambda h, residual=None: fused(h, residual=residual)
 
@@ -60,43 +67,48 @@ class Block(nn.Module):
     width: int
     stride: int
     kind: str
+    activation: str = "leaky_relu"
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = functools.partial(nn.Conv, use_bias=False)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(
+            _norm, self.kind, train, activation=self.activation, dtype=self.dtype
+        )
         h = conv(self.width, (3, 3), self.stride)(x)
-        h = _norm(self.kind, train, act=True)(h)
+        h = norm(act=True)(h)
         h = conv(self.width, (3, 3))(h)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.width:
             shortcut = conv(self.width, (1, 1), self.stride)(x)
-            shortcut = _norm(self.kind, train, act=False)(shortcut)
-        return _norm(self.kind, train, act=True)(h, shortcut)
+            shortcut = norm(act=False)(shortcut)
+        return norm(act=True)(h, shortcut)
 
 
 class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18; ``kind`` is ``flax``, ``jaxbn`` or ``fused`` (see above)."""
+
     width: int
     kind: str
     classes: int = 10
+    activation: str = "leaky_relu"
+    dtype: Any = None  # the convolutions' and normalizations' computation dtype
 
     @nn.compact
     def __call__(self, x, train: bool):
-        h = nn.Conv(self.width, (3, 3), use_bias=False)(x)
-        h = _norm(self.kind, train, act=True)(h)
+        h = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+        h = _norm(self.kind, train, act=True, activation=self.activation, dtype=self.dtype)(h)
         for stage in range(4):
             for i in range(2):
                 stride = 2 if stage > 0 and i == 0 else 1
-                h = Block(self.width * 2**stage, stride, self.kind)(h, train)
-        return nn.Dense(self.classes)(jnp.mean(h, (1, 2)))
+                width = self.width * 2**stage
+                h = Block(width, stride, self.kind, self.activation, self.dtype)(h, train)
+        return nn.Dense(self.classes)(jnp.mean(h.astype(jnp.float32), (1, 2)))
 
 
-def compiled_step(kind: str, width: int, batch: int, size: int):
-    model = ResNet18(width, kind)
-    x = jnp.ones((batch, size, size, 3))
-    labels = jnp.zeros((batch,), jnp.int32)
-    variables = model.init(jax.random.key(0), x, False)
-    tx = optax.sgd(0.1, momentum=0.9)
-    opt_state = tx.init(variables["params"])
+def train_step(model, tx):
+    """One SGD step: ``step(params, batch_stats, opt_state, x, labels)``."""
 
     def step(params, batch_stats, opt_state, x, labels):
         def loss(params):
@@ -109,6 +121,17 @@ def compiled_step(kind: str, width: int, batch: int, size: int):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, value
 
+    return step
+
+
+def compiled_step(kind: str, width: int, batch: int, size: int):
+    model = ResNet18(width, kind)
+    x = jnp.ones((batch, size, size, 3))
+    labels = jnp.zeros((batch,), jnp.int32)
+    variables = model.init(jax.random.key(0), x, False)
+    tx = optax.sgd(0.1, momentum=0.9)
+    opt_state = tx.init(variables["params"])
+    step = train_step(model, tx)
     args = (variables["params"], variables["batch_stats"], opt_state, x, labels)
     return jax.jit(step).lower(*args).compile()
 
