@@ -51,7 +51,10 @@ def test_control_flow_is_reported():
         (dict(floor=3, jaxbn=dict(S=3, kernels=5, control=[]), flax=dict(S=3, kernels=5)), 0),
         (dict(floor=3, jaxbn=dict(S=4, kernels=5, control=[]), flax=dict(S=3, kernels=5)), 2),
         (dict(floor=3, jaxbn=dict(S=3, kernels=13, control=[]), flax=dict(S=3, kernels=5)), 1),
-        (dict(floor=3, jaxbn=dict(S=3, kernels=5, control=["while"]), flax=dict(S=3, kernels=5)), 1),
+        (
+            dict(floor=3, jaxbn=dict(S=3, kernels=5, control=["while"]), flax=dict(S=3, kernels=5)),
+            1,
+        ),
     ],
 )
 def test_check_flags_what_is_over(row, problems):
