@@ -309,7 +309,7 @@ def batch_norm_act(
     cfg, x, gamma, beta, mask = _config(
         x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
     )
-    _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
+    state = _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
     momentum = _checks.check_momentum(momentum)
     slope = _check_activation(activation, negative_slope)
     residual = _check_residual(residual, x)

@@ -228,7 +228,8 @@ def check_batch_size(
 
 
 def axis_size(axis_name, groups) -> int:
-    """How many devices share the statistics; a clear error for an unbound name."""
+    """How many devices share the statistics (the smallest group's); a clear error for an
+    unbound name or groups that do not partition the axis."""
     try:
         size = jax.lax.axis_size(axis_name)
     except NameError:
@@ -240,12 +241,12 @@ def axis_size(axis_name, groups) -> int:
     if groups is None:
         return size
     flat = sorted(i for g in groups for i in g)
-    if flat != list(range(size)) or len({len(g) for g in groups}) != 1:
+    if flat != list(range(size)) or any(len(g) == 0 for g in groups):
         raise ValueError(
             f"axis_index_groups must split the {size} devices of axis_name {axis_name!r} "
-            f"into groups of equal size, each device in exactly one, got {list(groups)}."
+            f"into groups, each device in exactly one, got {list(groups)}."
         )
-    return len(groups[0])
+    return min(len(g) for g in groups)  # groups may differ in size, as JAX's psum allows
 
 
 GROUPS_UNSUPPORTED = (

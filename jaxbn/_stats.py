@@ -262,10 +262,15 @@ def _candidates(x, m, feature_axes):
 
 
 def _gather(x, idx):
-    """``x[idx]``, replicated when ``x`` is sharded along a mesh's Explicit axes."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
-    if any(p is not None for p in spec):
-        return x.at[idx].get(out_sharding=jax.sharding.PartitionSpec())
+    """``x[idx]``, replicated when ``x`` is sharded along a mesh's Explicit axes.
+
+    The replicated sharding is built on ``x``'s own mesh, so no mesh context
+    (``jax.set_mesh``) is needed: JAX does not ask one of a user who jits sharded arrays.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if any(p is not None for p in getattr(sharding, "spec", ())):
+        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return x.at[idx].get(out_sharding=replicated)
     return x[idx]
 
 

@@ -1,9 +1,11 @@
-"""``jaxbn.equinox.BatchNorm``: a replacement for ``equinox.nn.BatchNorm(mode="batch")``.
+"""``jaxbn.equinox.BatchNorm``: a replacement for ``equinox.nn.BatchNorm``.
 
 Change one import and the model keeps its constructor, fields, call signature
 ``(x, state, *, key=None, inference=None) -> (y, state)``, its ``eqx.nn.State``
-layout (``batch_counter``, ``batch_state_index``; leaves serialise both ways) and
-``eqx.nn.inference_mode``; the normalization underneath is :func:`jaxbn.batch_norm`.
+layout (``batch_counter``, ``batch_state_index`` in ``mode="batch"``;
+``ema_first_time_index``, ``ema_state_index`` in ``"ema"``; leaves serialise both
+ways), its default mode with its warning, and ``eqx.nn.inference_mode``; the
+normalization underneath is :func:`jaxbn.batch_norm`.
 This module reads and writes the state, picks training or inference and calls the
 core: it holds no arithmetic.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -33,6 +36,14 @@ from jaxbn._modules import one_value_batch_norm
 from jaxbn._state import BatchNormState
 
 __all__ = ["BatchNorm", "UnboundAxisNameError"]
+
+
+_LEGACY_WARNING = (  # Equinox 0.13.8's, for a mode left unspecified
+    "When `eqx.nn.BatchNorm(..., mode=...)` is unspecified it defaults to "
+    "'ema', for backward compatibility. This typically has a performance "
+    "impact, and for new code the user is encouraged to use 'batch' "
+    "instead. See `https://github.com/patrick-kidger/equinox/issues/659`."
+)
 
 
 class UnboundAxisNameError(NameError, ValueError):
@@ -61,20 +72,24 @@ def _check_axis(axis) -> int:
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
-    """Batch normalization with running statistics, as ``eqx.nn.BatchNorm(mode="batch")``.
+    """Batch normalization with running statistics, as ``eqx.nn.BatchNorm``.
 
-    In training each channel is normalized with the statistics of the batch (all
-    spatial positions of all examples along ``axis_name``), and the running ones
-    are updated::
+    ``mode="batch"``: in training each channel is normalized with the statistics of
+    the batch (all spatial positions of all examples along ``axis_name``), and the
+    running ones are updated::
 
         y = weight * (x - mean) / sqrt(var + eps) + bias
         running_mean = momentum * running_mean + (1 - momentum) * mean
 
     (the same for ``var``, the biased batch variance); in inference the running
-    statistics are used and the state is returned unchanged. Write the model for
+    statistics are used and the state is returned unchanged. ``mode="ema"``
+    (Equinox's default when ``mode`` is not given, with Equinox's warning) normalizes
+    a training batch with the running average itself, updated first
+    (``momentum * running + (1 - momentum) * batch``; the batch's own on the first
+    call), and differentiates through the batch's part, as Equinox does. Write the model for
     one example and ``jax.vmap`` it with ``axis_name``, as in Equinox::
 
-        bn, state = eqx.nn.make_with_state(BatchNorm)(32, "batch")
+        bn, state = eqx.nn.make_with_state(BatchNorm)(32, "batch", mode="batch")
         y, state = jax.vmap(bn, axis_name="batch", in_axes=(0, None),
                             out_axes=(0, None))(x, state)
 
@@ -88,12 +103,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
       ``0.99 + 0.01 * 4``, the running average. The stored values themselves are
       the same as Equinox's (same update from the same start), so states load
       both ways; only their reading in inference differs.
-    - **Only ``mode="batch"``**, also the default (Equinox's unspecified mode is
-      its legacy ``"ema"``, which warns). ``"ema"`` normalizes *training* batches
-      with running averages and is not batch normalization as
-      :func:`jaxbn.batch_norm` computes it; it raises a ``ValueError``. The
-      ``ema_first_time_index`` and ``ema_state_index`` fields exist and are
-      None, as in Equinox's ``"batch"`` layer, so the pytrees match.
+    - **``mode="ema"`` is computed with jaxbn's statistics** (the stable variance)
+      and JAX's autodiff (``custom_vjp`` applies to ``"batch"`` only); it takes a
+      ``momentum`` (not None). Prefer ``mode="batch"``, which is batch
+      normalization and what Equinox recommends for new code.
     - **``axis_name`` is optional.** ``None`` takes the whole batch without a
       ``vmap``: ``x`` of shape ``(N, input_size, *spatial)`` (``axis=0``) or
       ``(N, *spatial, input_size)`` (``axis=-1``), batch axis first, statistics
@@ -132,7 +145,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         ``eqx.nn.inference_mode`` and overridden by the call's ``inference``.
       dtype: of ``weight``, ``bias`` and (at least float32) the running
         statistics; default float32, float64 with ``jax_enable_x64``.
-      mode: ``"batch"`` only (see above).
+      mode: ``"batch"`` or ``"ema"`` (see above); not given: ``"ema"`` with
+        Equinox's warning, as Equinox's layer.
       axis: channel axis of one example (default 0).
       unbiased_running_var: store the unbiased batch variance ``var * n / (n - 1)``
         in the running variance, as PyTorch does (Equinox's docs say unbiased;
@@ -145,7 +159,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     Example:
       >>> import jax, jax.numpy as jnp, equinox as eqx
       >>> from jaxbn.equinox import BatchNorm
-      >>> bn, state = eqx.nn.make_with_state(BatchNorm)(2, "batch")
+      >>> bn, state = eqx.nn.make_with_state(BatchNorm)(2, "batch", mode="batch")
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
       >>> train = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
       >>> y, state = train(x, state)
@@ -158,10 +172,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     weight: jax.Array | None
     bias: jax.Array | None
-    ema_first_time_index: None
-    ema_state_index: None
-    batch_counter: eqx.nn.StateIndex
-    batch_state_index: eqx.nn.StateIndex
+    ema_first_time_index: eqx.nn.StateIndex | None
+    ema_state_index: eqx.nn.StateIndex | None
+    batch_counter: eqx.nn.StateIndex | None
+    batch_state_index: eqx.nn.StateIndex | None
     axis_name: Hashable | Sequence[Hashable] | None
     inference: bool
     input_size: int = eqx.field(static=True)
@@ -182,18 +196,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
         momentum: float | None = 0.99,
         inference: bool = False,
         dtype: Any = None,
-        mode: str = "batch",
+        mode: str = "legacy",
         *,
         axis: int = 0,
         unbiased_running_var: bool = False,
         custom_vjp: bool = True,
     ):
-        if mode != "batch":
+        if mode == "legacy":  # Equinox's default and its warning, word for word
+            mode = "ema"
+            warnings.warn(_LEGACY_WARNING, stacklevel=2)
+        if mode not in ("ema", "batch"):
+            raise ValueError(f"mode must be 'ema' or 'batch' (as Equinox's), got {mode!r}.")
+        if mode == "ema" and momentum is None:
             raise ValueError(
-                f"mode={mode!r} is not supported: jaxbn.equinox.BatchNorm is Equinox's "
-                f'mode="batch" (batch statistics in training, running ones in '
-                f'inference); Equinox\'s "ema" (its legacy default) normalizes training '
-                f'batches with running averages. Pass mode="batch" or leave it out.'
+                "momentum=None (a cumulative average) needs mode='batch'; mode='ema' "
+                "normalizes with the running average itself, which needs a momentum."
             )
         input_size = _check_input_size(input_size)
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else jnp.dtype(dtype)
@@ -207,14 +224,19 @@ class BatchNorm(eqx.nn.StatefulLayer):
         else:
             self.weight = None
             self.bias = None
-        self.ema_first_time_index = None
-        self.ema_state_index = None
-        # Equinox's "batch" layout: a counter (int32, not weakly typed, as the core's
-        # count), and (mean, var) from zeros and ones
-        self.batch_counter = eqx.nn.StateIndex(jnp.zeros((), jnp.int32))
-        self.batch_state_index = eqx.nn.StateIndex(
-            (jnp.zeros((input_size,), stats_dtype), jnp.ones((input_size,), stats_dtype))
-        )
+        self.ema_first_time_index = self.ema_state_index = None
+        self.batch_counter = self.batch_state_index = None
+        if mode == "ema":  # Equinox's "ema" layout: a first-call flag and (mean, var)
+            self.ema_first_time_index = eqx.nn.StateIndex(jnp.array(True))
+            self.ema_state_index = eqx.nn.StateIndex(
+                (jnp.empty((input_size,), stats_dtype), jnp.empty((input_size,), stats_dtype))
+            )
+        else:  # Equinox's "batch" layout: a counter (int32, not weakly typed, as the
+            # core's count), and (mean, var) from zeros and ones
+            self.batch_counter = eqx.nn.StateIndex(jnp.zeros((), jnp.int32))
+            self.batch_state_index = eqx.nn.StateIndex(
+                (jnp.zeros((input_size,), stats_dtype), jnp.ones((input_size,), stats_dtype))
+            )
         if isinstance(axis_name, list):  # a sequence of names, as Equinox takes; JAX's is a tuple
             axis_name = tuple(axis_name)
         self.axis_name = axis_name
@@ -231,8 +253,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
     def running_state(self, state: eqx.nn.State) -> BatchNormState:
         """This layer's running statistics in ``state``, as a :class:`jaxbn.BatchNormState`.
 
-        For jaxbn's functions that take one, e.g. :func:`jaxbn.fold_batch_norm`.
+        For jaxbn's functions that take one, e.g. :func:`jaxbn.fold_batch_norm`. In
+        ``"ema"`` mode the count is 0 (that layout keeps none).
         """
+        if self.mode == "ema":
+            assert self.ema_state_index is not None
+            mean, var = state.get(self.ema_state_index)
+            return BatchNormState(mean, var, jnp.zeros((), jnp.int32))
+        assert self.batch_state_index is not None and self.batch_counter is not None
         mean, var = state.get(self.batch_state_index)
         return BatchNormState(mean, var, state.get(self.batch_counter))
 
@@ -336,12 +364,41 @@ class BatchNorm(eqx.nn.StatefulLayer):
             virtual_batch_size=None,
         )
         values = math.prod(n for i, n in enumerate(x.shape) if i != axis) * devices
-        if values == 1:  # one value per channel: y = bias, as Equinox (the core raises)
-            y, new = one_value_batch_norm(
-                x, self.weight, self.bias, running, mask=None, options=options
-            )
-        else:
-            y, new = batch_norm(x, self.weight, self.bias, running, training=True, **options)
+
+        def train(weight, bias, running, **changes):
+            opts = dict(options, **changes)
+            if values == 1:  # one value per channel: y = bias, as Equinox (the core raises)
+                return one_value_batch_norm(x, weight, bias, running, mask=None, options=opts)
+            return batch_norm(x, weight, bias, running, training=True, **opts)
+
+        if self.mode == "ema":
+            return self._ema(x, state, running, train, axis)
+        assert self.batch_state_index is not None and self.batch_counter is not None
+        y, new = train(self.weight, self.bias, running)
         state = state.set(self.batch_counter, new.count)
         state = state.set(self.batch_state_index, (new.mean, new.var))
+        return y, state
+
+    def _ema(self, x, state, running, train, axis):
+        """Equinox's ``"ema"`` training step: normalize with the running average itself.
+
+        The statistics are ``momentum * running + (1 - momentum) * batch`` (the
+        batch's alone on the first call), differentiated through the batch's part, as
+        Equinox's layer is by autodiff; they are also the new state. All of it is
+        the core's: its training update (with ``momentum``, and with 0 for the batch's
+        own statistics, differentiable with ``custom_vjp=False``), then its
+        evaluation with those statistics.
+        """
+        assert self.ema_first_time_index is not None and self.ema_state_index is not None
+        first = state.get(self.ema_first_time_index)
+        _, batch = train(None, None, running, momentum=0.0, custom_vjp=False)
+        _, blend = train(None, None, running, custom_vjp=False)
+        stats = BatchNormState(
+            jax.lax.select(first, batch.mean, blend.mean),
+            jax.lax.select(first, batch.var, blend.var),
+            running.count,
+        )
+        y, _ = batch_norm(x, self.weight, self.bias, stats, training=False, axis=axis, eps=self.eps)
+        state = state.set(self.ema_first_time_index, jnp.array(False))
+        state = state.set(self.ema_state_index, (stats.mean, stats.var))
         return y, state

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 try:
     import flax.linen as nn
+    from flax.errors import FlaxError, ModifyScopeVariableError
     from flax.linen.dtypes import canonicalize_dtype
 except ImportError as err:  # flax is an optional extra
     raise ImportError(
@@ -50,6 +51,19 @@ def _core_state(mean, var, count=None) -> BatchNormState:
     mean_dt = jnp.promote_types(mean.dtype, var_dt)  # complex after training on complex x
     count = jnp.zeros((), jnp.int32) if count is None else count
     return BatchNormState(mean.astype(mean_dt), var.astype(var_dt), count)
+
+
+def _immutable_batch_stats(path: str) -> ModifyScopeVariableError:
+    """Flax's own error for training without ``mutable=["batch_stats"]``, saying what to pass."""
+    err = ModifyScopeVariableError.__new__(ModifyScopeVariableError)
+    FlaxError.__init__(  # Flax's message, then the remedy; Flax appends its docs link
+        err,
+        f'Cannot update variable "mean" in "{path}" because collection "batch_stats" is '
+        "immutable. Training (use_running_average=False) updates the running statistics: "
+        'pass mutable=["batch_stats"] to apply and keep the returned updates, or '
+        "use_running_average=True to evaluate.",
+    )
+    return err
 
 
 def _stored_dtype(stats_dtype, value):
@@ -205,7 +219,8 @@ class BatchNorm(nn.Module):
         Raises:
           ValueError: if ``use_running_average`` is given twice or never.
           flax.errors.ModifyScopeVariableError: in training when
-            ``batch_stats`` is not mutable, as Flax's module raises.
+            ``batch_stats`` is not mutable, as Flax's module raises (its message
+            also says to pass ``mutable=["batch_stats"]``).
         """
         use_running_average = _merge_use_running_average(
             self.use_running_average, use_running_average
@@ -252,7 +267,9 @@ class BatchNorm(nn.Module):
             act=act,
             residual=residual,
         )
-        if training and not initializing:  # immutable batch_stats: Flax's error, raised here
+        if training and not initializing:
+            if not self.is_mutable_collection("batch_stats"):
+                raise _immutable_batch_stats(self.scope.path_text)
             ra_mean.value = new.mean.astype(_stored_dtype(stats_dtype, new.mean))
             ra_var.value = new.var.astype(stats_dtype)
             if count is not None:

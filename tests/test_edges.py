@@ -73,11 +73,13 @@ def test_an_empty_batch_is_refused(size):
         jaxbn.batch_norm_fwd(jnp.zeros((0, 3)), None, None)
 
 
-def test_state_with_python_fields_is_converted():
+@pytest.mark.parametrize("fn", [jaxbn.batch_norm, jaxbn.batch_norm_act])
+def test_state_with_python_fields_is_converted(fn):
+    # batch_norm_act dropped the converted state (issue 23: AttributeError on a list)
     st = jaxbn.BatchNormState([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
     x = jnp.asarray(np.random.RandomState(3).randn(8, 3), jnp.float32)
-    _, new = jaxbn.batch_norm(x, None, None, st, training=True, momentum=None)
-    _, ref = jaxbn.batch_norm(x, None, None, ST3, training=True, momentum=None)
+    _, new = fn(x, None, None, st, training=True, momentum=None)
+    _, ref = fn(x, None, None, ST3, training=True, momentum=None)
     for a, b in zip(new, ref):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match="state.mean must be an array, got str"):
@@ -100,7 +102,7 @@ def test_axis_index_groups_must_cover_the_axis():
     with pytest.raises(
         ValueError, match=r"axis_index_groups must split the 3 devices of axis_name 'b'"
     ):
-        vmapped(jnp.ones((3, 2, 3)), axis_index_groups=[[0, 1], [2]])
+        vmapped(jnp.ones((3, 2, 3)), axis_index_groups=[[0, 1]])
     with pytest.raises(ValueError, match="axis_index_groups must split the 4 devices"):
         vmapped(jnp.ones((4, 2, 3)), axis_index_groups=[[0, 1], [1, 2]])
 

@@ -295,6 +295,13 @@ def test_training_without_mutable_batch_stats_raises_flaxs_error():
             flax.errors.ModifyScopeVariableError, match='collection "batch_stats" is immutable'
         ):
             bn.apply(variables, x)
+    # jaxbn's says what to pass too, in Flax's exception class (issue 23)
+    bn = jaxbn.linen.BatchNorm(use_running_average=False)
+    with pytest.raises(flax.errors.ModifyScopeVariableError) as err:
+        bn.apply(bn.init(jax.random.key(0), x), x)
+    assert type(err.value) is flax.errors.ModifyScopeVariableError
+    assert str(err.value).startswith('Cannot update variable "mean" in "/" because collection')
+    assert 'pass mutable=["batch_stats"] to apply' in str(err.value)
 
 
 def test_bad_momentum_is_reported_by_name():

@@ -166,6 +166,42 @@ def test_pmap_axis_index_groups():
         assert rel_err(st.var[g[0]], st_r.var) < TOL
 
 
+def test_pmap_axis_index_groups_of_unequal_sizes_have_each_groups_statistics():
+    # JAX's psum takes groups of unequal sizes under pmap (issue 23: jaxbn refused them)
+    x, gamma, beta, w = data(n=48)
+    split = x.reshape(ND, -1, 6)
+    groups = [[0, 1, 2], [3, 4, 5, 6, 7]]
+
+    def f(x, w):
+        def loss(x):
+            y, st = jaxbn.batch_norm(
+                x,
+                gamma,
+                beta,
+                jaxbn.init_state(6),
+                training=True,
+                momentum=0.0,
+                axis_name="batch",
+                axis_index_groups=groups,
+            )
+            return jnp.sum(y * w), (y, st)
+
+        (_, (y, st)), dx = jax.value_and_grad(loss, has_aux=True)(x)
+        return y, st, dx
+
+    y, st, dx = jax.pmap(f, axis_name="batch")(split, w.reshape(ND, -1, 6))
+    for g in groups:
+        xg = np.asarray(split, np.float64)[np.array(g)].reshape(-1, 6)
+        mean, var = xg.mean(0), xg.var(0)
+        y_ref = (xg - mean) / np.sqrt(var + 1e-5) * np.asarray(gamma) + np.asarray(beta)
+        for i in g:
+            assert rel_err(st.mean[i], mean) < TOL and rel_err(st.var[i], var) < TOL
+        assert rel_err(np.asarray(y)[np.array(g)].reshape(-1, 6), y_ref) < TOL
+        rows = lambda a, g=g: jnp.asarray(a).reshape(ND, -1, 6)[np.array(g)].reshape(-1, 6)  # noqa: E731
+        dx_one = single(rows(x), gamma, beta, rows(w))[2][0]  # the group alone on one device
+        assert rel_err(rows(dx), dx_one) < TOL
+
+
 def test_jit_with_batch_sharded_input_needs_no_axis_name():
     x, gamma, beta, w = data(spatial=True)
     msh = mesh()
@@ -238,3 +274,19 @@ def test_shard_map_without_axis_name_gives_per_device_statistics():
     assert rel_err(grads[0], jnp.concatenate([r[2][0] for r in per_device])) < TOL
     assert rel_err(grads[1], sum(r[2][1] for r in per_device)) < TOL
     assert rel_err(grads[2], sum(r[2][2] for r in per_device)) < TOL
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_batch_sharded_jit_on_the_default_mesh_needs_no_mesh_context(spatial, masked, program):
+    # JAX's default mesh axes are Explicit, and jit takes arrays sharded on such a mesh
+    # without jax.set_mesh (issue 23: jaxbn's shift asked for a mesh context)
+    explicit = jax.make_mesh((ND,), ("batch",), axis_types=(AxisType.Explicit,))
+    x, gamma, beta, w = data(spatial=spatial)
+    mask = None
+    if masked:
+        mask = jnp.asarray(np.arange(x.shape[0]) % 3 > 0).reshape((-1,) + (1,) * (x.ndim - 1))
+    shard = lambda a: jax.device_put(a, NamedSharding(explicit, P("batch")))  # noqa: E731
+    args = [shard(x), gamma, beta, shard(w)] + ([] if mask is None else [shard(mask)])
+    y, st, grads = single(*args)
+    assert_same(y, st, grads, single(x, gamma, beta, w, mask))
