@@ -269,7 +269,7 @@ class BatchNorm(nn.Module):
         )
         if training and not initializing:
             if not self.is_mutable_collection("batch_stats"):
-                raise _immutable_batch_stats(self.scope.path_text)
+                raise _immutable_batch_stats("/" if self.scope is None else self.scope.path_text)
             ra_mean.value = new.mean.astype(_stored_dtype(stats_dtype, new.mean))
             ra_var.value = new.var.astype(stats_dtype)
             if count is not None:
