@@ -166,12 +166,19 @@ def variadic_sum(operands, axes):
     shape = jnp.shape(operands[0])
     lead = len(axes)
     static = all(isinstance(d, int) for d in shape)  # not under symbolic shapes (jax.export)
+    static = static and not _explicitly_sharded(operands[0])  # JAX refuses such a reshape
     k = _split(math.prod(shape[:lead])) if static and tuple(axes) == tuple(range(lead)) else 1
     if k > 1:
         r = math.prod(shape[:lead])
         ops = tuple(jnp.reshape(o, (k, r // k) + tuple(shape[lead:])) for o in operands)
         return _reduce(_reduce(ops, (1,)), (0,))
     return _reduce(tuple(operands), tuple(axes))
+
+
+def _explicitly_sharded(a) -> bool:
+    """Whether ``a`` is sharded along a mesh's Explicit axes (its type says so)."""
+    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", ())
+    return any(p is not None for p in spec)
 
 
 def _split(r: int) -> int:
@@ -216,7 +223,8 @@ def _candidates(x, m, feature_axes):
     total = math.prod(sizes)
     kept = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
     fshape = tuple(x.shape[a] for a in feature_axes)
-    slices = m is None and isinstance(total, int) and total > 0  # static, not symbolic
+    # static positions: slices (not under symbolic shapes, nor on Explicit sharded axes)
+    slices = m is None and isinstance(total, int) and total > 0 and not _explicitly_sharded(x)
     if m is None:
         positions = [0, total // 2, total - 1]
         has = jnp.full(fshape, total > 0)
@@ -267,9 +275,9 @@ def _gather(x, idx):
     The replicated sharding is built on ``x``'s own mesh, so no mesh context
     (``jax.set_mesh``) is needed: JAX does not ask one of a user who jits sharded arrays.
     """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    if any(p is not None for p in getattr(sharding, "spec", ())):
-        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if _explicitly_sharded(x):
+        mesh = jax.typeof(x).sharding.mesh
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         return x.at[idx].get(out_sharding=replicated)
     return x[idx]
 
