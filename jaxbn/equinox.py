@@ -71,7 +71,7 @@ def _check_axis(axis) -> int:
     return int(axis)
 
 
-class BatchNorm(eqx.nn.StatefulLayer):
+class BatchNorm(eqx.nn.BatchNorm):
     """Batch normalization with running statistics, as ``eqx.nn.BatchNorm``.
 
     ``mode="batch"``: in training each channel is normalized with the statistics of

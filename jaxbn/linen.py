@@ -71,7 +71,7 @@ def _stored_dtype(stats_dtype, value):
     return jnp.promote_types(stats_dtype, value.dtype) if jnp.iscomplexobj(value) else stats_dtype
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(nn.BatchNorm):
     """Batch normalization with running statistics, as ``flax.linen.BatchNorm``.
 
     In training (``use_running_average=False``) each feature is normalized with

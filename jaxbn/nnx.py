@@ -32,7 +32,7 @@ __all__ = ["BatchNorm"]
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # Flax's defaults
 
 
-class BatchNorm(nnx.Module):
+class BatchNorm(nnx.BatchNorm):
     """Batch normalization with running statistics, as ``flax.nnx.BatchNorm``.
 
     In training (``use_running_average=False``, ``model.train()``) each feature

@@ -471,3 +471,16 @@ def test_ema_gradient_of_x_matches_equinox():
         return grad(x)
 
     np.testing.assert_allclose(dx(ours, s), dx(theirs, t), rtol=1e-4, atol=1e-5)
+
+
+def test_code_that_selects_batchnorms_by_type_finds_jaxbns():
+    """Equinox's DCGAN example picks its batch norms by isinstance (issue 23)."""
+
+    def picked(bn):
+        model = eqx.nn.Sequential([eqx.nn.Linear(3, 3, key=jax.random.key(0)), bn])
+        is_bn = lambda m: isinstance(m, eqx.nn.BatchNorm)  # noqa: E731
+        return [m for m in jax.tree.leaves(model, is_leaf=is_bn) if is_bn(m)]
+
+    ours = picked(BatchNorm(3, "batch", mode="batch"))
+    theirs = picked(eqx.nn.BatchNorm(3, "batch", mode="batch"))
+    assert len(ours) == len(theirs) == 1 and type(ours[0]) is BatchNorm

@@ -458,3 +458,57 @@ def test_flaxs_own_batchnorm_tests_pass_with_jaxbns_modules():
     from flax_suite.run_flax_tests import main
 
     assert main([os.environ["JAXBN_FLAX_GIT"], "--", "-x"]) == 0
+
+
+# Code that selects layers by type (issue 23): jaxbn's classes are Flax's subclasses.
+
+
+def test_nnx_view_only_batchnorm_flips_jaxbns_layers_as_flaxs():
+    x = randn(0, (8, 3), 2.0, 1.0)
+
+    def run(cls):
+        class Model(nnx.Module):
+            def __init__(self):
+                self.lin = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+                self.bn = cls(3, rngs=nnx.Rngs(0))
+                self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(1))
+
+            def __call__(self, x):
+                return self.drop(self.bn(self.lin(x)))
+
+        model = Model()
+        model.bn(x)  # one training call moves the running statistics
+        viewed = nnx.view(model, only=nnx.BatchNorm, use_running_average=True)
+        train_dropout = nnx.view(viewed, only=nnx.Dropout, deterministic=True)
+        return train_dropout.bn.use_running_average, model.bn.use_running_average, train_dropout(x)
+
+    ours, theirs = both(run, NNX)
+    assert ours[:2] == theirs[:2] == (True, False)
+    assert_same(ours[2], theirs[2])
+
+
+def test_linen_interceptor_filtering_on_nn_batchnorm_sees_jaxbns_layers():
+    x = randn(0, (8, 3), 2.0, 1.0)
+
+    def run(cls):
+        class Model(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return cls(use_running_average=False)(nn.Dense(3)(x))
+
+        seen = []
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+                seen.append(type(context.module).__module__)
+            return next_fun(*args, **kwargs)
+
+        model = Model()
+        variables = model.init(jax.random.key(0), x)
+        with nn.intercept_methods(record):
+            y, _ = model.apply(variables, x, mutable=["batch_stats"])
+        return len(seen), y
+
+    (n_ours, y_ours), (n_theirs, y_theirs) = both(run, LINEN)
+    assert n_ours == n_theirs == 1
+    assert_same(y_ours, y_theirs)

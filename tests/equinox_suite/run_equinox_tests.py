@@ -9,12 +9,9 @@ and pytest settings::
 
     python tests/equinox_suite/run_equinox_tests.py /path/to/equinox.git          # jaxbn's layer
     python tests/equinox_suite/run_equinox_tests.py /path/to/equinox.git --module equinox  # baseline
-    python tests/equinox_suite/run_equinox_tests.py /path/to/equinox.git --ema-as-batch
     python tests/equinox_suite/run_equinox_tests.py /path/to/equinox.git -- -x -k sequential
 
-``--ema-as-batch`` builds jaxbn's layer with ``mode="batch"`` where a test asks for
-``mode="ema"`` (which jaxbn's layer rejects), to show what the tests find beyond the
-mode. Equinox's ``addopts`` (``--jaxtyping-packages=equinox,beartype...``, a runtime
+All 10 pass (both modes; 3 of 10 before jaxbn had ``mode="ema"``). Equinox's ``addopts`` (``--jaxtyping-packages=equinox,beartype...``, a runtime
 type check of Equinox's own annotations) is dropped: beartype is no dependency of
 jaxbn's. Arguments after ``--`` go to pytest.
 
@@ -37,7 +34,7 @@ from pathlib import Path
 
 EQUINOX_0_13_8 = "v0.13.8"
 FILES = ["tests/test_nn.py", "tests/test_stateful.py", "tests/test_serialisation.py"]
-_MODULE_ENV, _EMA_ENV = "JAXBN_EQUINOX_SUITE", "JAXBN_EQUINOX_EMA_AS_BATCH"
+_MODULE_ENV = "JAXBN_EQUINOX_SUITE"
 
 
 def extract(git_dir: str, commit: str, dest: Path) -> None:
@@ -54,20 +51,12 @@ def extract(git_dir: str, commit: str, dest: Path) -> None:
 # --- the pytest plugin ---------------------------------------------------------------
 
 
-def _swap_in_jaxbn(ema_as_batch: bool) -> None:
+def _swap_in_jaxbn() -> None:
     import equinox.nn
 
     import jaxbn.equinox
 
-    layer = jaxbn.equinox.BatchNorm
-    if ema_as_batch:
-
-        def layer(*args, **kwargs):  # a callable, as make_with_state takes any
-            if kwargs.get("mode") == "ema":
-                kwargs["mode"] = "batch"
-            return jaxbn.equinox.BatchNorm(*args, **kwargs)
-
-    equinox.nn.BatchNorm = layer  # type: ignore[attr-defined,misc,assignment]
+    equinox.nn.BatchNorm = jaxbn.equinox.BatchNorm  # type: ignore[attr-defined,misc]
 
 
 def pytest_configure(config) -> None:
@@ -75,7 +64,7 @@ def pytest_configure(config) -> None:
     if module not in ("jaxbn", "equinox"):
         raise ValueError(f"{_MODULE_ENV} must be 'jaxbn' or 'equinox', got {module!r}.")
     if module == "jaxbn":
-        _swap_in_jaxbn(os.environ.get(_EMA_ENV) == "1")
+        _swap_in_jaxbn()
 
 
 def _uses_batchnorm(item) -> bool:
@@ -99,7 +88,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("git_dir", help="a git directory of patrick-kidger/equinox (bare or not)")
     p.add_argument("--module", choices=["jaxbn", "equinox"], default="jaxbn")
-    p.add_argument("--ema-as-batch", action="store_true")
     p.add_argument("--commit", default=EQUINOX_0_13_8)
     args, pytest_args = p.parse_known_args(argv)
     pytest_args = [a for a in pytest_args if a != "--"]
@@ -108,7 +96,7 @@ def main(argv=None) -> int:
         extract(args.git_dir, args.commit, root)
         env = dict(
             os.environ,
-            **{_MODULE_ENV: args.module, _EMA_ENV: "1" if args.ema_as_batch else "0"},
+            **{_MODULE_ENV: args.module},
             PYTHONPATH=os.pathsep.join(
                 [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
             ),
