@@ -16,6 +16,7 @@ _EXPORTS = {  # public name -> the private module that defines it
     "batch_norm_act": "jaxbn._act",
     "batch_norm_bwd": "jaxbn._batch_norm",
     "batch_norm_fwd": "jaxbn._batch_norm",
+    "batch_renorm": "jaxbn._warmup_renorm",
     "flax_variables_from_torch": "jaxbn._torch",
     "flax_variables_to_torch": "jaxbn._torch",
     "fold_batch_norm": "jaxbn._fold",
@@ -37,6 +38,7 @@ __all__ = [  # the keys of _EXPORTS, literal for type checkers
     "batch_norm_act",
     "batch_norm_bwd",
     "batch_norm_fwd",
+    "batch_renorm",
     "flax_variables_from_torch",
     "flax_variables_to_torch",
     "fold_batch_norm",
@@ -71,6 +73,7 @@ if TYPE_CHECKING:
         momentum_to_torch,
         to_torch,
     )
+    from jaxbn._warmup_renorm import batch_renorm
 else:
     import sys
 

@@ -181,8 +181,8 @@ class BatchNorm(eqx.nn.BatchNorm):
     input_size: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
-    momentum: float | None = eqx.field(static=True)
-    mode: str = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)  # type: ignore[assignment]  # wider than Equinox's
+    mode: str = eqx.field(static=True)  # type: ignore[assignment]  # wider than Equinox's
     axis: int = eqx.field(static=True)
     unbiased_running_var: bool = eqx.field(static=True)
     custom_vjp: bool = eqx.field(static=True)

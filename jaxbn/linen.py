@@ -23,10 +23,12 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
+from jaxbn._batch_norm import batch_norm
 from jaxbn._modules import act_options, core_options, module_batch_norm, module_frozen
 from jaxbn._state import BatchNormState
+from jaxbn._warmup_renorm import batch_renorm
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchRenorm"]
 
 
 def _merge_use_running_average(constructor, call) -> bool:
@@ -168,8 +170,8 @@ class BatchNorm(nn.BatchNorm):
     """
 
     use_running_average: bool | None = None
-    axis: int | tuple[int, ...] = -1
-    momentum: float | None = 0.99
+    axis: int | tuple[int, ...] = -1  # type: ignore[assignment]  # wider than nn.BatchNorm's annotation
+    momentum: float | None = 0.99  # type: ignore[assignment]  # wider than nn.BatchNorm's annotation
     epsilon: float = 1e-5
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -274,4 +276,112 @@ class BatchNorm(nn.BatchNorm):
             ra_var.value = new.var.astype(stats_dtype)
             if count is not None:
                 count.value = new.count
+        return y.astype(out_dtype)
+
+
+class BatchRenorm(nn.Module):
+    """Batch renormalization with a warm-up: a drop-in for sbx's ``BatchRenorm``.
+
+    Change one import (``from sbx.common.jax_layers import BatchRenorm``, or CrossQ's
+    copy of it) and a model keeps its fields, call and variables:
+    ``params/{scale,bias}`` and ``batch_stats/{mean,var,r_max,d_max,steps}``, so a
+    checkpoint written with sbx's class loads into this one and back. The first
+    ``warmup_steps`` training calls are plain batch norm, the later ones batch
+    renormalization with the stored ``r_max`` and ``d_max`` (3 and 5); ``steps``
+    counts training calls; the running statistics move in training, not at ``init``
+    (where the output is normalized with the batch's own statistics, as sbx's).
+
+    The function is sbx's, ``epsilon`` included: after the warm-up
+    ``y = scale * (x - m) / sqrt(v + epsilon) + bias`` with ``m = mean - d * std / r``
+    and ``v = var / r**2``, which is not the paper's ``r * xhat + d`` (see
+    :func:`jaxbn.batch_renorm`). Where it differs from sbx's: the variance is jaxbn's
+    stable one (sbx's is Flax's fast ``E[x^2] - E[x]^2``), and a constant feature's
+    gradients are finite (sbx's are NaN). ``use_fast_variance`` (older copies) is
+    accepted and ignored; ``warm_up_steps`` (older copies' spelling), if given, is used
+    for ``warmup_steps``.
+
+    Attributes:
+      use_running_average: True normalizes with the stored statistics.
+      axis: the feature axis (or axes).
+      momentum: weight on the old running value (0.99).
+      epsilon: added to the variance (0.001).
+      warmup_steps: training calls of plain batch norm (100_000).
+      dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name,
+        axis_index_groups: as for :class:`BatchNorm` and sbx's class.
+      warm_up_steps: older copies' name for ``warmup_steps``.
+      use_fast_variance: accepted, ignored.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.99
+    epsilon: float = 0.001
+    warmup_steps: int = 100_000
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = nn.initializers.zeros
+    scale_init: Any = nn.initializers.ones
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    warm_up_steps: int | None = None
+    use_fast_variance: bool = True
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+        """Normalizes ``x``; in training (not at ``init``) updates ``batch_stats``.
+
+        Args:
+          x: the input, features along ``axis``.
+          use_running_average: overrides the field if given (one of the two must be).
+
+        Returns:
+          The normalized ``x``, its dtype promoted with the parameters' (or ``dtype``).
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x = jnp.asarray(x)
+        axes = _checks.normalize_axes(self.axis, x.ndim)
+        shape = tuple(x.shape[a] for a in axes)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        r_max = self.variable("batch_stats", "r_max", lambda s: s, 3)
+        d_max = self.variable("batch_stats", "d_max", lambda s: s, 5)
+        steps = self.variable("batch_stats", "steps", lambda s: s, 0)
+        scale = bias = None
+        if self.use_scale:
+            scale = self.param("scale", self.scale_init, shape, self.param_dtype)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, shape, self.param_dtype)
+        out_dtype = canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        x = x.astype(jnp.promote_types(x.dtype, out_dtype))
+        state = BatchNormState(ra_mean.value, ra_var.value, jnp.asarray(steps.value, jnp.int32))
+        options: dict[str, Any] = dict(axis=axes, eps=self.epsilon)
+        if use_running_average:
+            y, _ = batch_renorm(x, scale, bias, state, training=False, **options)
+            return y.astype(out_dtype)
+        if self.is_initializing():  # sbx: the batch's own statistics, nothing updated
+            y, _ = batch_norm(x, scale, bias, state, training=True, **options)
+            return y.astype(out_dtype)
+        if not self.is_mutable_collection("batch_stats"):
+            raise _immutable_batch_stats("/" if self.scope is None else self.scope.path_text)
+        warmup = self.warmup_steps if self.warm_up_steps is None else self.warm_up_steps
+        y, new = batch_renorm(
+            x,
+            scale,
+            bias,
+            state,
+            training=True,
+            r_max=r_max.value,
+            d_max=d_max.value,
+            warmup_steps=warmup,
+            momentum=self.momentum,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            **options,
+        )
+        ra_mean.value, ra_var.value = new.mean, new.var
+        steps.value = new.count
         return y.astype(out_dtype)

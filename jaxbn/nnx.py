@@ -26,8 +26,9 @@ except ImportError as err:  # flax is an optional extra
 from jaxbn import _checks
 from jaxbn._modules import act_options, core_options, module_batch_norm, module_frozen
 from jaxbn._state import BatchNormState
+from jaxbn._warmup_renorm import batch_renorm
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchRenorm"]
 
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # Flax's defaults
 
@@ -154,10 +155,10 @@ class BatchNorm(nnx.BatchNorm):
         else:
             self.bias = nnx.data(None)  # type: ignore[arg-type]
 
-        self.num_features = num_features
+        self.num_features = num_features  # type: ignore[assignment]  # wider than nnx.BatchNorm's
         self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
+        self.axis = axis  # type: ignore[assignment]  # wider than nnx.BatchNorm's
+        self.momentum = momentum  # type: ignore[assignment]  # wider than nnx.BatchNorm's
         self.epsilon = epsilon
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -265,5 +266,105 @@ class BatchNorm(nnx.BatchNorm):
         Args:
           use_running_average: if given, sets the module's attribute.
         """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class BatchRenorm(nnx.Module):
+    """Batch renormalization with a warm-up, as :class:`jaxbn.linen.BatchRenorm`, for NNX.
+
+    The same behaviour (sbx's ``BatchRenorm``: plain batch norm for ``warmup_steps``
+    training calls, then renormalization with ``r_max`` and ``d_max``; see
+    :func:`jaxbn.batch_renorm`) and a state of the same names: ``nnx.Param``
+    ``scale``/``bias``, ``nnx.BatchStat`` ``mean``, ``var``, ``r_max``, ``d_max`` and
+    ``steps``. ``train()``/``eval()`` set ``use_running_average``, as for
+    :class:`BatchNorm`.
+
+    Args:
+      num_features: ``x.shape[axis]`` (a tuple for several feature axes).
+      use_running_average, axis, momentum, epsilon, warmup_steps, dtype, param_dtype,
+        use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups: as
+        for :class:`jaxbn.linen.BatchRenorm` (defaults 0.99, 0.001, 100_000).
+      r_max, d_max: the limits' initial values (3 and 5).
+      rngs: :class:`flax.nnx.Rngs` for the initializers.
+    """
+
+    def __init__(
+        self,
+        num_features: int | tuple[int, ...],
+        *,
+        use_running_average: bool = False,
+        axis: int | tuple[int, ...] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 0.001,
+        warmup_steps: int = 100_000,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = _ZEROS,
+        scale_init: Any = _ONES,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        rngs: nnx.Rngs,
+    ):
+        shape = _checks.feature_shape_of(num_features)
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.r_max = nnx.BatchStat(jnp.asarray(r_max, jnp.float32))
+        self.d_max = nnx.BatchStat(jnp.asarray(d_max, jnp.float32))
+        self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        if use_scale:
+            self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype))
+        else:
+            self.scale = nnx.data(None)  # type: ignore[arg-type]
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype))
+        else:
+            self.bias = nnx.data(None)  # type: ignore[arg-type]
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.warmup_steps = warmup_steps
+        self.dtype = dtype
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+
+    def __call__(self, x, use_running_average: bool | None = None):
+        """Normalizes ``x``; in training updates ``mean``, ``var`` and ``steps``."""
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        x = jnp.asarray(x)
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        x, scale, bias = dtypes.promote_dtype((x, scale, bias), dtype=self.dtype)
+        state = BatchNormState(self.mean[...], self.var[...], self.steps[...])
+        y, new = batch_renorm(
+            x,
+            scale,
+            bias,
+            state,
+            training=not use_running_average,
+            r_max=self.r_max[...],
+            d_max=self.d_max[...],
+            warmup_steps=self.warmup_steps,
+            axis=self.axis,
+            momentum=self.momentum,
+            eps=self.epsilon,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
+        if not use_running_average:
+            self.mean[...] = jax.lax.stop_gradient(new.mean)
+            self.var[...] = jax.lax.stop_gradient(new.var)
+            self.steps[...] = new.count
+        return y
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by ``nnx.view``: sets ``use_running_average`` if given."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
