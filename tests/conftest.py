@@ -34,7 +34,11 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # scripts, run by hand or by a test, never imported by pytest (the golden one needs torch)
-collect_ignore = ["multiprocess_worker.py", "golden/make_torch_golden.py", "golden/make_sbx_golden.py"]
+collect_ignore = [
+    "multiprocess_worker.py",
+    "golden/make_torch_golden.py",
+    "golden/make_sbx_golden.py",
+]
 
 
 import contextlib  # noqa: E402

@@ -93,22 +93,18 @@ def test_nnx_twin_has_the_same_state_names_and_behaviour():
             mutable=["batch_stats"],
         )
         stats = upd["batch_stats"]
-        dx = jax.grad(
-            lambda x: jnp.sum(
-                linen_bn.apply(
-                    {"params": variables["params"], "batch_stats": upd["batch_stats"]},
-                    x,
-                    use_running_average=True,
-                )
-                * w[i]
-            )
-        )(x[i])
+
+        def evaluated(x, stats=stats, wi=w[i]):
+            v = {"params": variables["params"], "batch_stats": stats}
+            return jnp.sum(linen_bn.apply(v, x, use_running_average=True) * wi)
+
+        dx = jax.grad(evaluated)(x[i])
         y_nnx = model(x[i])
         np.testing.assert_allclose(y_nnx, y, rtol=1e-6, atol=1e-6)
         for k in ("mean", "var", "steps"):
             np.testing.assert_allclose(getattr(model, k)[...], stats[k], rtol=1e-6)
         model.eval()
-        dx_nnx = jax.grad(lambda x: jnp.sum(model(x) * w[i]))(x[i])
+        dx_nnx = jax.grad(lambda x, wi=w[i]: jnp.sum(model(x) * wi))(x[i])
         model.train()
         np.testing.assert_allclose(dx_nnx, dx, rtol=1e-5, atol=1e-6)
 
