@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -350,7 +350,8 @@ plt.show()
 # - *Lag behind moving weights.* What remains after the correction is lag: the EMA
 #   replayed with the current weights (same batches, same averaging) is more accurate
 #   than the corrected EMA from step 5 on, in every seed on average over those
-#   checkpoints, the most at step 10 or 20 (the second column of paired differences).
+#   checkpoints (the second column of paired differences; where it is largest moves
+#   with the seeds, so it is not claimed).
 #   In the statistics it lasts to the end of this run at a constant, large learning
 #   rate: once the start is forgotten, the corrected EMA's variances are as far from
 #   the population's as the uncorrected ones, and more than twice as far as the
@@ -374,20 +375,17 @@ plt.show()
 # %%
 BIAS, LAG, NOISE = EFFECTS
 early, later = np.isin(CHECKPOINTS, [3, 5, 10]), CHECKPOINTS >= 5
-# start-up bias: the corrected variances are far closer at the first checkpoints
-ratio = dist["EMA"] / dist["EMA, bias-corrected"]
-assert ratio[:, CHECKPOINTS <= 3].min() > 3, ratio
-# ... although in the first two steps the network is near chance with any statistics
+# start-up bias (that the corrected variances are far closer at the first checkpoints,
+# and that the correction changes nothing once 0.9**t is negligible, follow from the
+# arithmetic of 0.9**t and are not asserted): in the first two steps the network is
+# near chance with any statistics
 assert max(a[:, CHECKPOINTS <= 2].mean(0).max() for a in acc.values()) < 0.25
 # ... and the correction gains accuracy at steps 3 to 10, on average over the seeds,
 # most of what the population statistics gain over the EMA there
 gain = acc["population"] - acc["EMA"]
 assert effect[BIAS][:, early].mean() > max(0.03, 0.5 * gain[:, early].mean()), effect[BIAS]
-# ... and none once momentum**t is negligible (0.9**40 = 0.015)
-assert np.abs(effect[BIAS][:, CHECKPOINTS >= 40]).max() <= 0.01, effect[BIAS]
 # lag: with the current weights, better from step 5 on in every seed (mean over steps)
 assert effect[LAG][:, later].mean(1).min() > 0.005, effect[LAG][:, later].mean(1)
-assert CHECKPOINTS[np.argmax(effect[LAG].mean(0))] in (10, 20), effect[LAG].mean(0)
 ratio = dist["EMA, bias-corrected"] / dist["EMA replayed, current weights"]
 assert ratio[:, later].min() > 2, ratio
 # noise: population and replayed EMA agree within test-set noise (one image: 0.002)
