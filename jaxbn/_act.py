@@ -126,12 +126,12 @@ def _g_u(spec: _Spec, dz, big, pos, v: _Vec):
     return g, u
 
 
-def _sums(spec: _Spec, dz, big, pos, v: _Vec, fused):
+def _sums(spec: _Spec, dz, big, pos, v: _Vec, fused, split=False):
     """This device's ``(sum(g), sum(g * u))``, feature shape, in one reduce (``fused``)."""
     g, u = _g_u(spec, dz, big, pos, v)
     ops = (g, g * u)
     red = reduced_axes(big.ndim, spec.cfg.axes)
-    s1, s2 = variadic_sum(ops, red) if fused else (jnp.sum(o, red) for o in ops)
+    s1, s2 = variadic_sum(ops, red, split) if fused else (jnp.sum(o, red) for o in ops)
     return jnp.reshape(s1, v.rstd.shape), jnp.reshape(s2, v.rstd.shape)
 
 
@@ -145,7 +145,9 @@ def _dx(spec: _Spec, dz, big, pos, v: _Vec, a, k0, k1, mask):
     return (e(a) * g + stat).astype(dz.dtype), g.astype(dz.dtype)
 
 
-def _grads(spec: _Spec, dz, big, pos, v: _Vec, dmean, dvar, n, mask, *, cpu, fused=True):
+def _grads(
+    spec: _Spec, dz, big, pos, v: _Vec, dmean, dvar, n, mask, *, cpu, fused=True, split=False
+):
     """``(dx, dr, s1, s2)``: ``s1 = sum(g)`` and ``s2 = sum(g * xc)`` are this device's."""
     cfg, dt = spec.cfg, v.rstd.dtype
     rstd, gamma = v.rstd, v.gamma
@@ -163,7 +165,7 @@ def _grads(spec: _Spec, dz, big, pos, v: _Vec, dmean, dvar, n, mask, *, cpu, fus
         # The one variadic reduce, also on XLA:CPU when keeping z (a memory option):
         # separate sums, with or without barrier copies, write g and u out there
         # (measured: a ResNet-18 step's temporary memory then exceeds keeping x's).
-        s1, s2 = _sums(spec, dz, big, pos, v, fused)
+        s1, s2 = _sums(spec, dz, big, pos, v, fused, split)
     ig: Any = 1.0
     if spec.keep == "z":
         if gamma is not None:
@@ -184,7 +186,7 @@ def _grads(spec: _Spec, dz, big, pos, v: _Vec, dmean, dvar, n, mask, *, cpu, fus
     return dx, dr, s1, s2
 
 
-_grads_pp = differentiable_per_platform(_grads, fused=False)
+_grads_pp = differentiable_per_platform(_grads, split=True, fused=False)
 
 
 def _forward(spec: _Spec, x, gamma, beta, residual, mask, fallback):

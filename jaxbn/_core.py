@@ -146,7 +146,8 @@ def _moments(cfg: _Config, x, mask) -> _stats.Moments:
     args = (cfg.axes, cfg.axis_name, cfg.groups)
     cpu = lambda x, m: _cpu.moments(x, m, *args)  # noqa: E731
     clean = lambda x, m: _stats.moments(x, m, *args)  # noqa: E731
-    return per_platform(cpu, clean, x, mask)
+    gpu = lambda x, m: _stats.moments(x, m, *args, split=True)  # noqa: E731
+    return per_platform(cpu, clean, x, mask, gpu=gpu)
 
 
 @_moments.defjvp
@@ -184,7 +185,7 @@ def _fwd(cfg: _Config, x, gamma, beta, mask, renorm=None, fallback=None):
     return (y, mo.mean, mo.var, mo.count), res
 
 
-def _backward_sums(cfg: _Config, dy, x, shift, delta, rstd, *, cpu, fused=True):
+def _backward_sums(cfg: _Config, dy, x, shift, delta, rstd, *, cpu, fused=True, split=False):
     """This device's ``(S1, S2)``: XLA:CPU's form (``jaxbn._cpu``) or one fused reduce."""
     if cpu:
         (dy1, _, _), (dy2, x2, sh2) = _cpu.copies((dy, x, shift), 2)
@@ -194,7 +195,7 @@ def _backward_sums(cfg: _Config, dy, x, shift, delta, rstd, *, cpu, fused=True):
         )
         s_dyxc = jnp.reshape(_cpu.sum_dy_xc(dy2, x2, sh2, delta, rstd, s_dy, cfg.axes), rstd.shape)
         return s_dy, s_dyxc
-    s_dy, s_dyxc = _stats.backward_sums(dy, x, shift, delta, cfg.axes, fused=fused)
+    s_dy, s_dyxc = _stats.backward_sums(dy, x, shift, delta, cfg.axes, fused=fused, split=split)
     return jnp.reshape(s_dy, rstd.shape), jnp.reshape(s_dyxc, rstd.shape)
 
 
@@ -210,17 +211,19 @@ def _dx(cfg: _Config, dy, x, shift, a, k0, k1, mask, *, cpu):
     return (e(a) * dy.astype(dt) + stat_term).astype(x.dtype)
 
 
-def differentiable_per_platform(fn, **reference_kwargs):
+def differentiable_per_platform(fn, *, split=False, **reference_kwargs):
     """``fn(cfg, *args, cpu=...)`` per platform, with the clean form's jvp as tangent.
 
-    ``reference_kwargs`` go to the clean form used for the tangent (e.g. ``fused=False``:
-    autodiff cannot transpose a variadic reduce).
+    ``split``: GPUs get ``fn(..., cpu=False, split=True)`` (XLA:GPU's two-step column
+    sums, ``jaxbn._stats.variadic_sum``). ``reference_kwargs`` go to the clean form used
+    for the tangent (e.g. ``fused=False``: autodiff cannot transpose a variadic reduce).
     """
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
     def wrapped(cfg, *args):
         cpu = functools.partial(fn, cfg, cpu=True)
-        return per_platform(cpu, functools.partial(fn, cfg, cpu=False), *args)
+        gpu = functools.partial(fn, cfg, cpu=False, split=True) if split else None
+        return per_platform(cpu, functools.partial(fn, cfg, cpu=False), *args, gpu=gpu)
 
     @wrapped.defjvp
     @standard_promotion
@@ -231,7 +234,7 @@ def differentiable_per_platform(fn, **reference_kwargs):
     return wrapped
 
 
-_backward_sums_pp = differentiable_per_platform(_backward_sums, fused=False)
+_backward_sums_pp = differentiable_per_platform(_backward_sums, split=True, fused=False)
 _dx_pp = differentiable_per_platform(_dx)
 
 

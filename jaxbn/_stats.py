@@ -151,22 +151,25 @@ def reduced_axes(ndim: int, feature_axes) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a not in feature_axes)
 
 
-def variadic_sum(operands, axes):
+def variadic_sum(operands, axes, split=False):
     """The sums of several same-shaped arrays over ``axes`` in one ``reduce`` (one kernel).
 
-    Where ``axes`` are the leading axes (features minor: NHWC, ``(N, D)``), the sum is
-    a column reduction, and XLA:GPU fuses an elementwise producer that reads a
+    ``split`` is XLA:GPU's tactic (``jaxbn._platform`` passes it for GPUs only). Where
+    ``axes`` are the leading axes (features minor: NHWC, ``(N, D)``), the sum is a
+    column reduction, and XLA:GPU fuses an elementwise producer that reads a
     per-feature vector (``x - s``, a mask) into one only when the reduced extent is split
     in two: unsplit, it writes the operands out and reads them back (measured on the
     compiled H100 program: 7 S instead of 3 S for a (4096, 1024) forward). XLA splits
-    large extents itself; here every one is, as ``(k, R / k)`` with ``k`` the largest
-    divisor of ``R`` up to ``sqrt(R)``, summed over ``R / k`` and then over ``k`` (a
-    pairwise step, which only lowers the rounding error).
+    large extents itself; with ``split`` every one is, as ``(k, R / k)`` with ``k`` the
+    largest divisor of ``R`` up to ``sqrt(R)``, summed over ``R / k`` and then over
+    ``k`` (a pairwise step, which only lowers the rounding error). On a TPU the same
+    reshape costs a relayout of ``x`` (XLA's cost analysis: 7 S instead of 3 S), so
+    the other platforms sum in one step.
     """
     shape = jnp.shape(operands[0])
     lead = len(axes)
     static = all(isinstance(d, int) for d in shape)  # not under symbolic shapes (jax.export)
-    static = static and not _explicitly_sharded(operands[0])  # JAX refuses such a reshape
+    static = split and static and not _explicitly_sharded(operands[0])  # JAX refuses that reshape
     k = _split(math.prod(shape[:lead])) if static and tuple(axes) == tuple(range(lead)) else 1
     if k > 1:
         r = math.prod(shape[:lead])
@@ -351,17 +354,18 @@ def count_of(x, m, feature_axes, axis_name, axis_index_groups):
     return psum(n, axis_name, axis_index_groups)
 
 
-def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Moments:
+def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None, split=False) -> Moments:
     """The clean program's statistics: one reduce over ``x`` (see the module docstring).
 
     Args:
       x: any shape; ``feature_axes`` (sorted, non-negative) are kept.
       m: None or a boolean array broadcastable to ``x``: the values that count.
       axis_name, axis_index_groups: devices that share the statistics (``lax.psum``).
+      split: XLA:GPU's two-step column sums (see :func:`variadic_sum`).
     """
     red = reduced_axes(x.ndim, feature_axes)
     s = shift_of(x, m, feature_axes, axis_name, axis_index_groups)
-    sums = variadic_sum(stat_operands(x, m, s, feature_axes), red)
+    sums = variadic_sum(stat_operands(x, m, s, feature_axes), red, split)
     sums = psum(tuple(jnp.reshape(t, s.shape) for t in sums), axis_name, axis_index_groups)
     n = count_of(x, m, feature_axes, axis_name, axis_index_groups)
     return combine(sums, s, n, _size(x, feature_axes))
@@ -393,11 +397,11 @@ def _int_zero(v):
     return np.zeros(jnp.shape(v), jax.dtypes.float0)
 
 
-def backward_sums(dy, x, shift, delta, feature_axes, fused=True):
+def backward_sums(dy, x, shift, delta, feature_axes, fused=True, split=False):
     """``(S1, S2)`` of this device, in one reduce of ``x`` and ``dy`` (``fused``)."""
     dt = shift.dtype
     red = reduced_axes(x.ndim, feature_axes)
     dyf = dy.astype(dt)
     ops = (dyf, dyf * (x.astype(dt) - expand(shift, x.ndim, feature_axes)))
-    s1, t = variadic_sum(ops, red) if fused else (jnp.sum(o, red) for o in ops)
+    s1, t = variadic_sum(ops, red, split) if fused else (jnp.sum(o, red) for o in ops)
     return s1, t - delta * s1
