@@ -50,19 +50,23 @@ def per_platform(cpu: Callable, clean: Callable, *args, gpu: Callable | None = N
     shapes and dtypes. Called eagerly (no tracer among ``args``), it runs the form for
     the platform the arrays live on, op by op, as JAX runs eager code.
     """
-    gpu = clean if gpu is None else gpu
     flat, tree = jax.tree.flatten(args)
     if not any(isinstance(v, jax.core.Tracer) for v in flat):  # eager: where the data is
         platforms = {d.platform for v in flat for d in getattr(v, "devices", set)()}
         if _clean_everywhere.value or platforms & {"cuda", "rocm", "gpu"}:
-            return gpu(*args)
+            return (clean if gpu is None else gpu)(*args)
         return cpu(*args) if platforms <= {"cpu"} else clean(*args)
-    forms = []
-    for fn in (cpu, gpu, clean):
+    forms: dict[str, tuple] = {}
+    for name, fn in (("cpu", cpu), ("clean", clean), ("gpu", gpu)):
+        if fn is None:  # no GPU form of its own: the clean one, traced once
+            forms[name] = forms["clean"]
+            continue
         flat_fn = lambda *xs, fn=fn: fn(*jax.tree.unflatten(tree, xs))  # noqa: E731
         jaxpr, shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
-        forms.append((jaxpr, jax.tree.structure(shapes)))
-    (cpu_jaxpr, cpu_tree), (gpu_jaxpr, gpu_tree), (clean_jaxpr, clean_tree) = forms
+        forms[name] = (jaxpr, jax.tree.structure(shapes))
+    (cpu_jaxpr, cpu_tree), (gpu_jaxpr, gpu_tree), (clean_jaxpr, clean_tree) = (
+        forms[n] for n in ("cpu", "gpu", "clean")
+    )
     types = lambda j: [(a.shape, a.dtype) for a in j.out_avals]  # noqa: E731
     for jaxpr, tree_ in ((cpu_jaxpr, cpu_tree), (gpu_jaxpr, gpu_tree)):
         if str(tree_) != str(clean_tree) or types(jaxpr) != types(clean_jaxpr):
