@@ -38,7 +38,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxbn import _checks
-from jaxbn._batch_norm import batch_norm
+from jaxbn._batch_norm import _update, batch_norm
 from jaxbn._state import BatchNormState
 from jaxbn._stats import standard_promotion
 
@@ -117,12 +117,7 @@ def batch_renorm(
     y, _ = batch_norm(
         x, gamma, beta, BatchNormState(mean, var, state.count), training=False, **common
     )
-    new = BatchNormState(
-        (momentum * state.mean + (1 - momentum) * mean_b).astype(state.mean.dtype),
-        (momentum * state.var + (1 - momentum) * var_b).astype(state.var.dtype),
-        state.count + 1,
-    )
-    return y, new
+    return y, _update(state, mean_b, var_b, None, momentum)
 
 
 def _feature_shape(x, axis) -> tuple[int, ...]:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _checks
-from jaxbn._batch_norm import batch_norm
+from jaxbn._batch_norm import _update, batch_norm
 from jaxbn._modules import one_value_batch_norm
 from jaxbn._state import BatchNormState
 
@@ -385,14 +385,14 @@ class BatchNorm(eqx.nn.BatchNorm):
         The statistics are ``momentum * running + (1 - momentum) * batch`` (the
         batch's alone on the first call), differentiated through the batch's part, as
         Equinox's layer is by autodiff; they are also the new state. All of it is
-        the core's: its training update (with ``momentum``, and with 0 for the batch's
-        own statistics, differentiable with ``custom_vjp=False``), then its
-        evaluation with those statistics.
+        the core's: the batch's statistics from its training step with momentum 0
+        (differentiable with ``custom_vjp=False``), its running-statistics update,
+        then its evaluation with the result.
         """
         assert self.ema_first_time_index is not None and self.ema_state_index is not None
         first = state.get(self.ema_first_time_index)
         _, batch = train(None, None, running, momentum=0.0, custom_vjp=False)
-        _, blend = train(None, None, running, custom_vjp=False)
+        blend = _update(running, batch.mean, batch.var, None, self.momentum)
         stats = BatchNormState(
             jax.lax.select(first, batch.mean, blend.mean),
             jax.lax.select(first, batch.var, blend.var),

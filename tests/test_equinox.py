@@ -445,17 +445,17 @@ def test_ema_mode_trains_as_equinoxs_over_several_steps(shape):
         x = data(shape, scale=2.0, shift=1.0 + step, seed=step)
         (_, (y, s)), g = grad(ours, x, s)
         (_, (y_t, t)), g_t = grad(theirs, x, t)
-        np.testing.assert_allclose(y, y_t, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(y, y_t, rtol=1e-5, atol=1e-6)
         for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(t)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         for a, b in zip(
             jax.tree.leaves((g.weight, g.bias)), jax.tree.leaves((g_t.weight, g_t.bias))
         ):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     x = data(shape, seed=9)
     y, _ = run(eqx.nn.inference_mode(ours), x, s)
     y_t, _ = run(eqx.nn.inference_mode(theirs), x, t)
-    np.testing.assert_allclose(y, y_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y, y_t, rtol=1e-5, atol=1e-6)
 
 
 def test_ema_gradient_of_x_matches_equinox():
@@ -470,7 +470,7 @@ def test_ema_gradient_of_x_matches_equinox():
         grad = eqx.filter_jit(jax.grad(lambda x: jnp.sum(vmapped(model)(x, state)[0] * w)))
         return grad(x)
 
-    np.testing.assert_allclose(dx(ours, s), dx(theirs, t), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx(ours, s), dx(theirs, t), rtol=1e-5, atol=1e-6)
 
 
 def test_code_that_selects_batchnorms_by_type_finds_jaxbns():
