@@ -23,7 +23,6 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._batch_norm import batch_norm
 from jaxbn._modules import act_options, core_options, module_batch_norm, module_frozen
 from jaxbn._state import BatchNormState
 from jaxbn._warmup_renorm import batch_renorm
@@ -363,7 +362,16 @@ class BatchRenorm(nn.Module):
             y, _ = batch_renorm(x, scale, bias, state, training=False, **options)
             return y.astype(out_dtype)
         if self.is_initializing():  # sbx: the batch's own statistics, nothing updated
-            y, _ = batch_norm(x, scale, bias, state, training=True, **options)
+            # (sbx's models are initialized with one example: one value per feature)
+            y, _ = module_batch_norm(
+                x,
+                scale,
+                bias,
+                state,
+                training=True,
+                mask=None,
+                options=dict(options, axis_name=None),
+            )
             return y.astype(out_dtype)
         if not self.is_mutable_collection("batch_stats"):
             raise _immutable_batch_stats("/" if self.scope is None else self.scope.path_text)

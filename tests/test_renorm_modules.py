@@ -66,6 +66,15 @@ def test_older_copies_spelling_and_fields_are_accepted():
     np.testing.assert_array_equal(ya, yb)
 
 
+def test_init_with_one_example_as_sbx_initializes_its_models():
+    # sbx initializes its critics with one sampled observation: one value per feature
+    x = jnp.asarray(DATA["steps/x"][0, :1])
+    bn = jaxbn.linen.BatchRenorm(use_running_average=False)
+    y, variables = bn.init_with_output(jax.random.key(0), x)
+    np.testing.assert_array_equal(y, jnp.zeros_like(x))  # x - mean = 0: y = bias = 0
+    assert int(variables["batch_stats"]["steps"]) == 0
+
+
 def test_init_leaves_the_statistics_and_training_needs_mutable_batch_stats():
     x = jnp.asarray(DATA["steps/x"][0])
     bn = jaxbn.linen.BatchRenorm(use_running_average=False)
