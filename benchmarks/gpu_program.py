@@ -178,17 +178,6 @@ def compiled_text(f, args, platform: str) -> str:
 # The functions compared
 
 
-def _plain(x, gamma, beta, axis):
-    """Textbook batch norm in plain jnp (two passes), differentiated by JAX's autodiff."""
-    red = tuple(i for i in range(x.ndim) if i not in axis)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, red, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), red, keepdims=True)
-    keep = [x.shape[i] if i in axis else 1 for i in range(x.ndim)]
-    y = (x32 - mean) * jax.lax.rsqrt(var + EPS) * gamma.reshape(keep) + beta.reshape(keep)
-    return y.astype(x.dtype), jnp.reshape(mean, gamma.shape), jnp.reshape(var, gamma.shape)
-
-
 def normalizer(name: str, axis: tuple[int, ...], fshape, *, training=True, act=None, **kw):
     """``f(x, g, b, r=None) -> y``: one competitor's training (or eval) normalization.
 
@@ -239,7 +228,10 @@ def normalizer(name: str, axis: tuple[int, ...], fshape, *, training=True, act=N
         return f
     if name == "autodiff":
         assert training and mask is None
-        return lambda x, g, b, r=None: activate(_plain(x, g, b, axis)[0], r)
+        from jaxbn.cli.bench import _plain  # the textbook forward of `jaxbn bench`
+
+        state = {"mean": jnp.zeros(fshape), "var": jnp.ones(fshape)}
+        return lambda x, g, b, r=None: activate(_plain(x, g, b, state, axis, True)[0], r)
     import flax.linen as nn
 
     bn = nn.BatchNorm(

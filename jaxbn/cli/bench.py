@@ -84,8 +84,9 @@ EPS = 1e-5
 
 
 def _plain(x, gamma, beta, state, axis, training):
-    """Textbook batch norm in plain jnp, differentiated by JAX's autodiff."""
-    red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    """Textbook batch norm in plain jnp, differentiated by JAX's autodiff (``axis``: int or tuple)."""
+    axes = {a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+    red = tuple(i for i in range(x.ndim) if i not in axes)
     keep = [1 if i in red else s for i, s in enumerate(x.shape)]
     x32 = x.astype(jnp.float32)
     if training:
