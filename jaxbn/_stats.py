@@ -330,7 +330,7 @@ def combine(sums, s, n, size) -> Moments:
         hi_, lo = lax.complex(hr, hi), lax.complex(lr, li)
     else:
         hi_, lo = _two_sum(hs, half_d)
-    return Moments(hi_ * 2, lo * 2, var.astype(dt), n)
+    return Moments(hi_ * 2, lo * 2, var, n)
 
 
 def _two_sum(a, b):
