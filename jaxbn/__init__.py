@@ -13,7 +13,7 @@ _EXPORTS = {  # public name -> the private module that defines it
     "BatchNormResiduals": "jaxbn._core",
     "BatchNormState": "jaxbn._state",
     "batch_norm": "jaxbn._batch_norm",
-    "batch_norm_act": "jaxbn._act",
+    "batch_norm_act": "jaxbn._batch_norm",
     "batch_norm_bwd": "jaxbn._batch_norm",
     "batch_norm_fwd": "jaxbn._batch_norm",
     "batch_renorm": "jaxbn._warmup_renorm",
@@ -54,9 +54,9 @@ __all__ = [  # the keys of _EXPORTS, literal for type checkers
 ]
 
 if TYPE_CHECKING:
-    from jaxbn._act import batch_norm_act
     from jaxbn._batch_norm import (
         batch_norm,
+        batch_norm_act,
         batch_norm_bwd,
         batch_norm_fwd,
         frozen_batch_norm,

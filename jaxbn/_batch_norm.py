@@ -1,4 +1,11 @@
-"""The public functions: checks, train/eval switch and the running-statistics update."""
+"""The public functions: one pipeline from the checks to the running-statistics update.
+
+``batch_norm`` and ``batch_norm_act`` are two entries to :func:`normalize`::
+
+    checks (jaxbn._checks) -> training? -> the rule (jaxbn._core: statistics,
+    normalization, activation and residual; its backward) -> running-state update
+    (jaxbn._state); evaluation: the running statistics' affine map, then the activation.
+"""
 
 from __future__ import annotations
 
@@ -9,130 +16,142 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn import _checks
-from jaxbn._compat import pvary, varying_axes
-from jaxbn._core import (
-    _FORWARD_MODE_HINT,
-    BatchNormResiduals,
-    Renorm,
-    _affine,
-    _bwd,
-    _Config,
-    _fwd,
-    _train,
+from jaxbn import _checks, _core
+from jaxbn._compat import standard_promotion, vary_like
+from jaxbn._core import BatchNormResiduals, Renorm, Spec
+from jaxbn._state import BatchNormState, check_state, unbiased, update
+
+_FORWARD_MODE_HINT = (
+    "forward-mode differentiation (jax.jvp, jax.jacfwd) cannot use jaxbn's "
+    "hand-derived reverse rule; pass custom_vjp=False to batch_norm (or "
+    "batch_norm_act) to differentiate the same forward computation with JAX's autodiff."
 )
-from jaxbn._state import BatchNormState
-from jaxbn._stats import standard_promotion
 
 
-def _groups(axis_index_groups, axis_name):
-    if axis_index_groups is None:
-        return None
-    if axis_name is None:
-        raise ValueError(
-            "axis_index_groups was given without axis_name; pass the named axis "
-            "that the groups index."
-        )
-    return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-
-
-def _config(
-    x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
-) -> tuple[_Config, jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
+def _spec_and_inputs(x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask, **act):
+    """The checked ``(spec, x, gamma, beta, mask)``; ``act``: the rule's activation fields."""
     x = _checks.check_x(x)
     axes = _checks.normalize_axes(axis, x.ndim)
     fshape = tuple(x.shape[a] for a in axes)
-    gamma = _checks.check_per_feature("gamma", gamma, fshape)
-    beta = _checks.check_per_feature("beta", beta, fshape)
-    for name, v in (("gamma", gamma), ("beta", beta)):
-        if v is not None and jnp.iscomplexobj(v) and not jnp.iscomplexobj(x):
-            raise TypeError(
-                f"{name} is complex ({v.dtype}) but x is real ({x.dtype}); expected a real {name}."
-            )
+    gamma = _checks.check_per_feature("gamma", gamma, fshape, x)
+    beta = _checks.check_per_feature("beta", beta, fshape, x)
     mask = _checks.check_mask(mask, x.shape)
-    cfg = _Config(
-        axes,
-        _checks.check_eps(eps, x.dtype),
-        axis_name,
-        _groups(axis_index_groups, axis_name),
-        None if beta is None else beta.dtype,
+    groups = _checks.check_groups(axis_index_groups, axis_name)
+    spec = Spec(axes, _checks.check_eps(eps, x.dtype), axis_name, groups, **act)
+    return spec, x, gamma, beta, mask
+
+
+def normalize(
+    x,
+    gamma,
+    beta,
+    state,
+    *,
+    training,
+    axis=-1,
+    momentum=0.9,
+    eps=1e-5,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    unbiased_running_var=False,
+    renorm=None,
+    virtual_batch_size=None,
+    custom_vjp=True,
+    activation="identity",
+    negative_slope=0.01,
+    residual=None,
+    inplace=False,
+    one_value=False,
+):
+    """:func:`batch_norm_act`'s arguments; ``one_value``: allow one value per feature in
+    training (Flax's and Equinox's modules do: ``var = 0``, ``y = beta``), where
+    :func:`batch_norm` raises, as PyTorch does."""
+    training = _checks.check_training(training)
+    act = _checks.check_activation(activation, negative_slope, inplace)
+    spec, x, gamma, beta, mask = _spec_and_inputs(
+        x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask, **act
     )
-    return cfg, x, gamma, beta, mask
-
-
-def _vary_like_x(v, x):
-    """Under shard_map, marks a replicated ``v`` as varying along x's manual axes.
-
-    The custom rule returns this device's share of dgamma; shard_map accepts it
-    only for an input that varies like ``x``, and autodiff then psums the shares,
-    exactly as it does for ``gamma * xhat`` written in plain jnp. This holds with
-    or without ``axis_name`` (per-device statistics).
-    """
-    if v is None:
-        return v
-    missing = tuple(sorted(varying_axes(x) - varying_axes(v), key=str))
-    return pvary(v, missing) if missing else v
-
-
-def _update(state: BatchNormState, mean, var, seen, momentum) -> BatchNormState:
-    """running = momentum * running + (1 - momentum) * batch, in the state's dtype."""
-    dt = state.var.dtype
-    # complex input: the running mean becomes complex, as Flax's does (var stays real)
-    mean_dt = (
-        jnp.promote_types(state.mean.dtype, dt)
-        if not jnp.iscomplexobj(mean)
-        else (jnp.promote_types(state.mean.dtype, jnp.result_type(mean.dtype, dt)))
-    )
-    if momentum is None:  # cumulative average, PyTorch's momentum=None
-        w = 1 / (state.count.astype(dt) + 1)
-        keep = 1 - w
-    else:
-        keep, w = jnp.asarray(momentum, dt), jnp.asarray(1 - momentum, dt)
-    new_mean = keep * state.mean.astype(mean_dt) + w * mean.astype(mean_dt)
-    new_var = keep * state.var + w * var.astype(dt)
-    step = jnp.ones((), state.count.dtype)
-    if seen is not None:  # masked: a feature that saw no value keeps its statistics,
-        new_mean = jnp.where(seen, new_mean, state.mean)
-        new_var = jnp.where(seen, new_var, state.var)
-        step = jnp.any(seen).astype(state.count.dtype)  # and a step that saw none is no update
-    return BatchNormState(new_mean, new_var, state.count + step)
-
-
-def unbiased(var, count):
-    """``var * n / (n - 1)`` where ``n = count > 1`` (PyTorch's running variance)."""
-    return jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)
-
-
-def _normalize_train(cfg, x, gamma, beta, mask, renorm, custom_vjp, fallback):
-    """Training-mode output and batch statistics ``(y, mean, var, count)``."""
-    if not custom_vjp or jnp.iscomplexobj(x):  # complex x: autodiff of the same forward
-        return _fwd(cfg, x, gamma, beta, mask, renorm, fallback)[0]
-    gamma, beta = _vary_like_x(gamma, x), _vary_like_x(beta, x)
+    residual = _checks.check_residual(residual, x)
+    spec = spec._replace(residual=residual is not None)
+    state = check_state(state, tuple(x.shape[a] for a in spec.axes))
+    momentum = _checks.check_momentum(momentum)
+    limits = _checks.check_renorm(renorm, x)
+    if not training:  # ghost batches are a training-time option: any eval batch works
+        _checks.check_virtual_batch_size(virtual_batch_size, None, spec.axes, axis_name)
+        y = _eval(spec, x, gamma, beta, state)
+        return _core.activate(spec.activation, spec.slope, _add(y, residual)), state
+    size = _checks.check_virtual_batch_size(virtual_batch_size, x.shape, spec.axes, axis_name)
+    reduced = [i for i in range(x.ndim) if i not in spec.axes]
+    _checks.check_batch_size(x.shape, reduced, axis_name, spec.groups, allow_one=one_value)
+    if size:
+        _checks.check_batch_size(
+            (size,) + x.shape[1:], reduced, None, None, "virtual_batch_size", one_value
+        )
+    rn = None if limits is None else Renorm(state.mean, state.var, *limits)
+    fallback = None if mask is None else (state.mean, state.var)
+    args = (x, gamma, beta, residual, mask, rn, fallback)
     try:
-        return _train(cfg, x, gamma, beta, mask, renorm, fallback)
+        out = _ghost(spec, *args, custom_vjp, size) if size else _train(spec, *args, custom_vjp)
+    except NotImplementedError as err:
+        if spec.groups is None:
+            raise
+        raise NotImplementedError(_checks.GROUPS_UNSUPPORTED) from err
+    y, mean, var, count = out
+    if unbiased_running_var:
+        var = unbiased(var, count)
+    seen = None if mask is None else count > 0
+    if size and seen is None:  # the mean of the groups' statistics
+        mean, var = jnp.mean(mean, 0), jnp.mean(var, 0)
+    elif size:  # ... over the groups that saw a value of the feature
+        w = count > 0
+        mean, var = (jnp.sum(v * w, 0) / jnp.maximum(jnp.sum(w, 0), 1) for v in (mean, var))
+        seen = jnp.any(w, 0)
+    return y, update(state, mean, var, seen, momentum)
+
+
+def _add(y, residual):
+    return y if residual is None else y + residual
+
+
+def _train(spec, x, gamma, beta, residual, mask, renorm, fallback, custom_vjp):
+    """Training-mode output and batch statistics ``(z, mean, var, count)``."""
+    args = (x, gamma, beta, residual, mask, renorm, fallback)
+    if not custom_vjp or jnp.iscomplexobj(x):  # complex x: autodiff of the same forward
+        return _core.forward(spec, *args)[0]
+    # shard_map: dgamma is this device's share, accepted for a gamma that varies like x
+    gamma, beta = vary_like(gamma, x), vary_like(beta, x)
+    try:
+        return _core.train(spec, x, gamma, beta, residual, mask, renorm, fallback)
     except TypeError as err:
         if "forward-mode" not in str(err):
             raise
         raise TypeError(_FORWARD_MODE_HINT) from err
 
 
-def _ghost(cfg, x, gamma, beta, mask, renorm, custom_vjp, fallback, size):
+def _ghost(spec, x, gamma, beta, residual, mask, renorm, fallback, custom_vjp, size):
     """Ghost batches: axis 0 split into groups of ``size``, each with its own statistics.
 
-    The groups become one more kept axis, so the core normalizes them unchanged;
+    The groups become one more kept axis, so the rule normalizes them unchanged;
     returns the per-group statistics with the group axis first.
     """
     groups = x.shape[0] // size
-    xg = x.reshape((groups, size) + x.shape[1:])
+    split = lambda v: None if v is None else v.reshape((groups, size) + x.shape[1:])  # noqa: E731
     tile = lambda v: None if v is None else jnp.broadcast_to(v, (groups,) + v.shape)  # noqa: E731
-    gcfg = cfg._replace(axes=(0,) + tuple(a + 1 for a in cfg.axes))
-    mg = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(xg.shape)
+    gspec = spec._replace(axes=(0,) + tuple(a + 1 for a in spec.axes))
+    mg = None if mask is None else split(jnp.broadcast_to(mask, x.shape))
     rg = None if renorm is None else renorm._replace(mean=tile(renorm.mean), var=tile(renorm.var))
     fg = None if fallback is None else tuple(tile(v) for v in fallback)
-    y, mean, var, count = _normalize_train(
-        gcfg, xg, tile(gamma), tile(beta), mg, rg, custom_vjp, fg
+    y, mean, var, count = _train(
+        gspec, split(x), tile(gamma), tile(beta), split(residual), mg, rg, fg, custom_vjp
     )
     return y.reshape(x.shape), mean, var, count
+
+
+def _eval(spec, x, gamma, beta, state):
+    """(x - mean) * (gamma * rsqrt(var + eps)) + beta with the running statistics."""
+    rstd = lax.rsqrt(state.var + spec.eps)
+    return _core.affine(x, state.mean, None, rstd, gamma, beta, spec.axes)
 
 
 @standard_promotion
@@ -222,51 +241,79 @@ def batch_norm(
       >>> state.mean
       Array([0.2, 2. ], dtype=float32)
     """
-    training = _checks.check_training(training)
-    cfg, x, gamma, beta, mask = _config(
-        x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
-    )
-    state = _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
-    momentum = _checks.check_momentum(momentum)
-    limits = _checks.check_renorm(renorm)
-    if not training:  # ghost batches are a training-time option: any eval batch works
-        _checks.check_virtual_batch_size(virtual_batch_size, None, cfg.axes, axis_name)
-        return _eval(cfg, x, gamma, beta, state), state
-    size = _checks.check_virtual_batch_size(virtual_batch_size, x.shape, cfg.axes, axis_name)
-    reduced = [i for i in range(x.ndim) if i not in cfg.axes]
-    _checks.check_batch_size(x.shape, reduced, axis_name, cfg.groups)
-    if size:
-        _checks.check_batch_size((size,) + x.shape[1:], reduced, None, None, "virtual_batch_size")
-    if limits is not None and jnp.iscomplexobj(x):
-        raise TypeError(f"renorm needs real x (r and d are clipped), got dtype {x.dtype}.")
-    rn = None if limits is None else Renorm(state.mean, state.var, *limits)
-    fallback = None if mask is None else (state.mean, state.var)
-    try:
-        if size:
-            out = _ghost(cfg, x, gamma, beta, mask, rn, custom_vjp, fallback, size)
-        else:
-            out = _normalize_train(cfg, x, gamma, beta, mask, rn, custom_vjp, fallback)
-    except NotImplementedError as err:
-        if cfg.groups is None or str(err):
-            raise
-        raise NotImplementedError(_checks.GROUPS_UNSUPPORTED) from err
-    y, mean, var, count = out
-    if unbiased_running_var:
-        var = unbiased(var, count)
-    seen = None if mask is None else count > 0
-    if size and seen is None:  # the mean of the groups' statistics
-        mean, var = jnp.mean(mean, 0), jnp.mean(var, 0)
-    elif size:  # ... over the groups that saw a value of the feature
-        w = count > 0
-        mean, var = (jnp.sum(v * w, 0) / jnp.maximum(jnp.sum(w, 0), 1) for v in (mean, var))
-        seen = jnp.any(w, 0)
-    return y, _update(state, mean, var, seen, momentum)
+    return normalize(
+        x, gamma, beta, state, training=training, axis=axis, momentum=momentum, eps=eps,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
+        unbiased_running_var=unbiased_running_var, renorm=renorm,
+        virtual_batch_size=virtual_batch_size, custom_vjp=custom_vjp,
+    )  # fmt: skip
 
 
-def _eval(cfg, x, gamma, beta, state):
-    """(x - mean) * (gamma * rsqrt(var + eps)) + beta with the running statistics."""
-    rstd = lax.rsqrt(state.var + cfg.eps)
-    return _affine(x, state.mean, None, rstd, gamma, beta, cfg.axes)
+@standard_promotion
+def batch_norm_act(
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    state: BatchNormState,
+    *,
+    training: bool,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    residual: ArrayLike | None = None,
+    inplace: bool = False,
+    axis: int | Sequence[int] = -1,
+    momentum: float | None = 0.9,
+    eps: float = 1e-5,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: ArrayLike | None = None,
+    unbiased_running_var: bool = False,
+    renorm: tuple[ArrayLike, ArrayLike] | None = None,
+    virtual_batch_size: int | None = None,
+    custom_vjp: bool = True,
+) -> tuple[jax.Array, BatchNormState]:
+    """Batch norm, a residual add and an activation as one op: ``z = act(y + residual)``.
+
+    ``y`` is :func:`jaxbn.batch_norm`'s output (training or evaluation); the
+    hand-derived backward does not write ``dL/dy`` (but on CPU, keeping ``x``, where
+    writing it once is fastest) and keeps ``x`` alone (``relu``, or any
+    activation with a residual: plus one byte per value of ``sign(y + residual)`` for
+    ``relu``/``leaky_relu``) or, with ``inplace=True``, the output ``z`` alone
+    (``identity`` and ``leaky_relu``, as InPlace-ABN; with a residual, also the
+    residual, an input the caller usually keeps anyway). See ``jaxbn._core`` for the
+    derivation.
+
+    Args:
+      x, gamma, beta, state, training: as for :func:`jaxbn.batch_norm`.
+      activation: ``"relu"``, ``"leaky_relu"`` or ``"identity"``.
+      negative_slope: leaky_relu's slope for negative inputs, a number > 0.
+      residual: None, or an array of x's shape and dtype added before the activation.
+      inplace: keep only ``z`` (and ``residual``) for the backward, so ``x`` can be
+        freed after the forward (InPlace-ABN); not with ``"relu"``. Opt-in: where
+        ``|gamma| <= sqrt(tiny)`` (a zero-initialized gamma) ``z`` holds no ``xhat``,
+        and ``dgamma`` is 0 there instead of its value.
+      axis, momentum, eps, axis_name, axis_index_groups, mask, unbiased_running_var,
+        renorm, virtual_batch_size, custom_vjp: as for :func:`jaxbn.batch_norm`.
+
+    Returns:
+      ``(z, new_state)``: ``z`` has x's shape and dtype; ``new_state`` as for
+      :func:`jaxbn.batch_norm`.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbn
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> z, state = jaxbn.batch_norm_act(x, None, None, jaxbn.init_state(2), training=True)
+      >>> z.round(3)
+      Array([[0., 0.],
+             [1., 1.]], dtype=float32)
+    """
+    return normalize(
+        x, gamma, beta, state, training=training, axis=axis, momentum=momentum, eps=eps,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
+        unbiased_running_var=unbiased_running_var, renorm=renorm,
+        virtual_batch_size=virtual_batch_size, custom_vjp=custom_vjp, activation=activation,
+        negative_slope=negative_slope, residual=residual, inplace=inplace,
+    )  # fmt: skip
 
 
 @standard_promotion
@@ -296,11 +343,11 @@ def frozen_batch_norm(
     Returns:
       ``y``, the shape and dtype of ``x``.
     """
-    cfg, x, gamma, beta, _ = _config(x, gamma, beta, axis, eps, None, None, None)
-    state = _checks.check_state(state, tuple(x.shape[a] for a in cfg.axes))
+    spec, x, gamma, beta, _ = _spec_and_inputs(x, gamma, beta, axis, eps, None, None, None)
+    state = check_state(state, tuple(x.shape[a] for a in spec.axes))
     if not trainable:
         gamma, beta = lax.stop_gradient(gamma), lax.stop_gradient(beta)
-    return _eval(cfg, x, gamma, beta, lax.stop_gradient(state))
+    return _eval(spec, x, gamma, beta, lax.stop_gradient(state))
 
 
 @standard_promotion
@@ -326,12 +373,13 @@ def batch_norm_fwd(
       values counted, and the
       :class:`BatchNormResiduals` that :func:`batch_norm_bwd` takes.
     """
-    cfg, x, gamma, beta, mask = _config(
+    spec, x, gamma, beta, mask = _spec_and_inputs(
         x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask
     )
-    reduced = [i for i in range(x.ndim) if i not in cfg.axes]
-    _checks.check_batch_size(x.shape, reduced, axis_name, cfg.groups, allow_one=True)
-    return _fwd(cfg, x, gamma, beta, mask)
+    reduced = [i for i in range(x.ndim) if i not in spec.axes]
+    _checks.check_batch_size(x.shape, reduced, axis_name, spec.groups, allow_one=True)
+    out, saved = _core.forward(spec, x, gamma, beta, mask=mask)
+    return out, saved.res
 
 
 @standard_promotion
@@ -355,10 +403,10 @@ def batch_norm_bwd(
     Returns:
       ``(dx, dgamma, dbeta)``; ``dgamma`` is None when ``gamma`` was None.
     """
-    x = residuals.x
-    axes = _checks.normalize_axes(axis, x.ndim)
+    axes = _checks.normalize_axes(axis, residuals.x.ndim)
     dy = _checks.check_cotangents(residuals, axes, dy, dmean, dvar)
     zeros = jnp.zeros_like(residuals.rstd)
-    cfg = _Config(axes, 1.0, axis_name, _groups(axis_index_groups, axis_name), residuals.rstd.dtype)
+    spec = Spec(axes, 1.0, axis_name, _checks.check_groups(axis_index_groups, axis_name))
+    saved = _core.Saved(residuals, zeros, None, None)  # dbeta in the statistics' dtype
     cts = (dy, zeros if dmean is None else dmean, zeros if dvar is None else dvar)
-    return _bwd(cfg, residuals, cts)
+    return _core.backward(spec, saved, cts)[:3]

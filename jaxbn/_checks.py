@@ -15,16 +15,15 @@ import numpy as np
 from jaxbn._compat import InconclusiveDimensionOperation
 
 
-def feature_shape_of(num_features) -> tuple[int, ...]:
-    """Validates ``num_features`` (an int or tuple of ints) and returns it as a shape."""
-    dims = num_features if isinstance(num_features, tuple) else (num_features,)
+def feature_shape_of(num_features, name="num_features", tuples=True) -> tuple[int, ...]:
+    """Validates ``num_features`` (an int, or a tuple of ints) and returns it as a shape."""
+    dims = num_features if tuples and isinstance(num_features, tuple) else (num_features,)
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, numbers.Integral):
-            raise TypeError(
-                f"num_features must be an int or a tuple of ints, got {num_features!r}."
-            )
+            what = "an int or a tuple of ints" if tuples else "an int (the number of channels)"
+            raise TypeError(f"{name} must be {what}, got {num_features!r}.")
         if int(d) <= 0:
-            raise ValueError(f"num_features must be positive, got {num_features!r}.")
+            raise ValueError(f"{name} must be positive, got {num_features!r}.")
     return tuple(int(d) for d in dims)
 
 
@@ -68,69 +67,23 @@ def check_x(x) -> jax.Array:
     return x
 
 
-def check_per_feature(name: str, v, feature_shape: tuple[int, ...]):
-    """gamma, beta: None or a floating array of exactly the feature shape."""
+def check_per_feature(name: str, v, feature_shape: tuple[int, ...], x=None):
+    """gamma, beta: None or a floating array of exactly the feature shape (real for real x)."""
     if v is None:
         return None
     v = jnp.asarray(v)
     if not jnp.issubdtype(v.dtype, jnp.inexact):
         raise TypeError(f"{name} must be a floating-point array or None, got dtype {v.dtype}.")
+    if x is not None and jnp.iscomplexobj(v) and not jnp.iscomplexobj(x):
+        raise TypeError(
+            f"{name} is complex ({v.dtype}) but x is real ({x.dtype}); expected a real {name}."
+        )
     if v.shape != feature_shape:
         raise ValueError(
             f"{name} has shape {v.shape}, but x has feature shape {feature_shape} "
             f"along axis; expected {name}.shape == {feature_shape}."
         )
     return v
-
-
-def check_state(state, feature_shape: tuple[int, ...]):
-    """Checks ``state`` and returns it with array fields (lists and Python ints converted)."""
-    from jaxbn._state import BatchNormState
-
-    if not isinstance(state, BatchNormState):
-        raise TypeError(
-            f"state must be a jaxbn.BatchNormState (from jaxbn.init_state), got "
-            f"{type(state).__name__}."
-        )
-    fields = []
-    for field in ("mean", "var", "count"):
-        v = getattr(state, field)
-        try:
-            if isinstance(v, (str, bytes)):
-                raise TypeError("not a number")
-            v = jnp.asarray(v)
-        except (TypeError, ValueError) as err:
-            raise TypeError(
-                f"state.{field} must be an array, got {type(v).__name__} ({err})."
-            ) from None
-        fields.append(v)
-    if any(f is not getattr(state, n) for f, n in zip(fields, ("mean", "var", "count"))):
-        state = BatchNormState(*fields)  # else the very same object, as evaluation returns it
-    for field in ("mean", "var"):
-        v = getattr(state, field)
-        if v.shape != feature_shape:
-            raise ValueError(
-                f"state.{field} has shape {v.shape}, but x has feature shape "
-                f"{feature_shape} along axis; create the state with "
-                f"jaxbn.init_state({feature_shape if len(feature_shape) != 1 else feature_shape[0]})."
-            )
-    mean_dt = state.mean.dtype
-    if jnp.issubdtype(mean_dt, jnp.complexfloating):  # the running mean of complex input
-        mean_dt = jnp.finfo(mean_dt).dtype
-    check_state_dtype("state.mean dtype", mean_dt)
-    if state.var.dtype != mean_dt:
-        raise TypeError(
-            f"state.var has dtype {state.var.dtype} but state.mean has dtype "
-            f"{state.mean.dtype}; expected one precision for both (var is real)."
-        )
-    if jnp.shape(state.count) != () or not jnp.issubdtype(
-        jnp.result_type(state.count), jnp.integer
-    ):
-        raise TypeError(
-            f"state.count must be an integer scalar, got shape {jnp.shape(state.count)} "
-            f"and dtype {jnp.result_type(state.count)}."
-        )
-    return state
 
 
 def check_mask(mask, x_shape: tuple[int, ...]):
@@ -227,13 +180,21 @@ def check_batch_size(
         )
 
 
+class UnboundAxisNameError(NameError, ValueError):
+    """Training with an ``axis_name`` that no ``vmap``/``pmap``/``shard_map`` binds here.
+
+    A ``NameError``, as Equinox's layer raises there, and a ``ValueError``, as
+    jaxbn's checks raise.
+    """
+
+
 def axis_size(axis_name, groups) -> int:
     """How many devices share the statistics (the smallest group's); a clear error for an
     unbound name or groups that do not partition the axis."""
     try:
         size = jax.lax.axis_size(axis_name)
     except NameError:
-        raise ValueError(
+        raise UnboundAxisNameError(
             f"axis_name {axis_name!r} is not bound here; call batch_norm inside "
             f"jax.shard_map, jax.pmap or jax.vmap with that axis name, or pass "
             f"axis_name=None for per-device statistics."
@@ -247,6 +208,52 @@ def axis_size(axis_name, groups) -> int:
             f"into groups, each device in exactly one, got {list(groups)}."
         )
     return min(len(g) for g in groups)  # groups may differ in size, as JAX's psum allows
+
+
+def check_groups(axis_index_groups, axis_name):
+    """The groups as a tuple of tuples (static configuration), or None."""
+    if axis_index_groups is None:
+        return None
+    if axis_name is None:
+        raise ValueError(
+            "axis_index_groups was given without axis_name; pass the named axis "
+            "that the groups index."
+        )
+    return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+
+
+ACTIVATIONS = ("relu", "leaky_relu", "identity")
+
+
+def check_activation(activation, negative_slope, inplace) -> dict:
+    """The rule's activation fields: ``activation``, ``slope`` and ``keep``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    slope = 0.0
+    if activation == "leaky_relu":
+        ok = isinstance(negative_slope, (int, float)) and not isinstance(negative_slope, bool)
+        if not (ok and np.isfinite(negative_slope) and negative_slope > 0):  # invertible
+            raise ValueError(f"negative_slope must be a finite number > 0, got {negative_slope!r}.")
+        slope = float(negative_slope)
+    if inplace and activation == "relu":
+        raise ValueError(
+            "inplace=True recovers the input from the output, which needs an invertible "
+            "activation ('leaky_relu' or 'identity'); got activation='relu'."
+        )
+    return dict(activation=activation, slope=slope, keep="z" if inplace else "x")
+
+
+def check_residual(residual, x):
+    """None, or an array of x's shape and dtype."""
+    if residual is None:
+        return None
+    residual = jnp.asarray(residual)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"residual has shape {residual.shape} and dtype {residual.dtype}, but x has "
+            f"{x.shape} and {x.dtype}; expected an array of x's shape and dtype."
+        )
+    return residual
 
 
 GROUPS_UNSUPPORTED = (
@@ -275,10 +282,12 @@ def check_cotangents(residuals, axes, dy, dmean, dvar):
     return dy
 
 
-def check_renorm(renorm):
+def check_renorm(renorm, x):
     """None, or (rmax, dmax) as Python numbers (checked) or scalar arrays (traced)."""
     if renorm is None:
         return None
+    if jnp.iscomplexobj(x):
+        raise TypeError(f"renorm needs real x (r and d are clipped), got dtype {x.dtype}.")
     if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
         raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}.")
     rmax, dmax = renorm

@@ -9,10 +9,14 @@ version that lets it go. Older jax lacks more: the top-level ``jax.enable_x64`` 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import jax
 from jax import lax
 
-__all__ = ["InconclusiveDimensionOperation", "pvary", "vary_like_predicate", "varying_axes"]
+__all__ = ["InconclusiveDimensionOperation", "standard_promotion", "vary_like", "varying_axes"]
 
 try:  # raised by a comparison of symbolic dimensions (jax.export)
     from jax.errors import InconclusiveDimensionOperation  # jax >= 0.10.2
@@ -47,19 +51,38 @@ def pvary(x, axes: tuple):
     return lax.pvary(x, axes)  # type: ignore[attr-defined]  # jax < 0.8.2
 
 
-def vary_like_predicate(pred, *operands):
-    """The operands of a ``lax.cond`` on ``pred``, marked varying where ``pred`` varies.
+def vary_like(v, *refs):
+    """``v`` marked as varying along every manual axis along which a ``ref`` varies.
 
-    Under ``vmap`` of a ``shard_map``, JAX turns a cond with a batched predicate into a
-    select of both branches, which makes every operand vary like the predicate; a
-    branch that combined an invariant operand with a varying value then holds a
-    ``pvary`` of an already varying value, and tracing fails. Marking the operands
-    first (a type change, no data moves) leaves the branches nothing to mark. None
-    stays None.
+    Used where JAX needs two values of one varying type: a replicated ``gamma`` under
+    ``shard_map``, whose cotangent the rule returns as this device's share (as
+    autodiff of ``gamma * xhat`` does), and the operands of a ``lax.cond`` on a
+    predicate that varies (under ``vmap`` of a ``shard_map`` JAX runs the cond as a
+    select of both branches, which makes every operand vary like the predicate). A
+    type change: no data moves. None stays None.
     """
-    axes = varying_axes(pred)
-    out = []
-    for v in operands:
-        missing = () if v is None else tuple(sorted(axes - varying_axes(v), key=str))
-        out.append(pvary(v, missing) if missing else v)
-    return out
+    if v is None:
+        return v
+    missing = frozenset().union(*map(varying_axes, refs)) - varying_axes(v)
+    return pvary(v, tuple(sorted(missing, key=str))) if missing else v
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def standard_promotion(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Runs ``fn`` under JAX's standard dtype promotion, whatever the user's setting.
+
+    jaxbn mixes dtypes on purpose (a bfloat16 ``x`` with float32 statistics, an int32
+    count), which ``jax_numpy_dtype_promotion="strict"`` (Equinox's tests use it)
+    refuses. Every entry point, and every rule JAX traces later (the backward, the
+    tangents), wears this decorator.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with jax.numpy_dtype_promotion("standard"):
+            return fn(*args, **kwargs)
+
+    return wrapped

@@ -1,4 +1,4 @@
-r"""Batch normalization as a pure function, with a hand-derived ``custom_vjp``.
+r"""The training forward and its hand-derived backward: one ``custom_vjp`` rule.
 
 Forward, training mode. Per feature, over the ``n`` values that count (``m`` is the
 mask as 0/1, all ones without one; the statistics come from ``jaxbn._stats``)::
@@ -7,37 +7,69 @@ mask as 0/1, all ones without one; the statistics come from ``jaxbn._stats``)::
     var  = sum(m * xc**2) / n           # biased, as in the notes
     rstd = (var + eps) ** -0.5
     y    = gamma * rstd * xc + beta
+    z    = act(y + r)                   # batch_norm: act = identity, r = 0
 
-The rule returns ``(y, mean, var, n)``. Backward. Given ``dy = dL/dy`` and the
-cotangents ``dmean``, ``dvar`` of the returned batch statistics (zero unless a loss
-reads the new running state; ``n`` gets none), write
-``a = gamma * rstd``, ``S1 = sum(dy)`` and ``S2 = sum(dy * xc)``, the sums over
-every reduced position, masked or not (each output depends on the statistics)::
+with ``act`` one of ``identity``, ``relu``, ``leaky_relu`` (slope ``s > 0``) and ``r``
+an optional residual. The rule returns ``(z, mean, var, n)``.
 
+Backward. Given ``dz = dL/dz`` and the cotangents ``dmean``, ``dvar`` of the returned
+statistics (zero unless a loss reads the new running state; ``n`` gets none), write
+``g = dz * act'(y + r)`` (``act'`` is 1, ``1[p > 0]`` or ``1[p >= 0] + s 1[p < 0]``, as
+``jax.nn`` differentiates them), ``a = gamma * rstd``, ``S1 = sum(g)`` and
+``S2 = sum(g * xc)``, the sums over every reduced position, masked or not (each output
+depends on the statistics)::
+
+    dr     = g
     dbeta  = S1
     dgamma = rstd * S2
     dL/dmean = -a * S1 + dmean                    # dy_q/dmean = -a; dvar/dmean = 0
     dL/dvar  = -a * rstd**2 * S2 / 2 + dvar       # dy_q/dvar = -a * rstd**2 * xc_q / 2
-    dx = a * dy + m / n * (dL/dmean + 2 * xc * dL/dvar)   # dmean/dx = m/n, dvar/dx = 2 m xc/n
-       = a * dy + m * (k0 + k1 * xc),
+    dx = a * g + m / n * (dL/dmean + 2 * xc * dL/dvar)   # dmean/dx = m/n, dvar/dx = 2 m xc/n
+       = a * g + m * (k0 + k1 * xc),
          k0 = (dmean - a * S1) / n,   k1 = (2 * dvar - a * rstd**2 * S2) / n
 
-Batch renormalization (``Renorm``) outputs ``y = gamma * (r * rstd * xc + d) + beta``
-with ``r``, ``d`` constants: the same rule with ``gamma * r`` for ``gamma`` (in ``a``)
-and ``dgamma = r * rstd * S2 + d * S1``.
+This is the notes' closed form (``batchnorm_backward_alt``) with the mask, the
+statistics' cotangents and the activation added; their staged version multiplies two
+branches that must be added (see ERRATA). Each x-sized pass of the backward (one
+reduce for ``S1`` and ``S2``, then ``dx``) reads ``dz`` and one kept array, and
+recomputes ``g`` rather than writing it; with the forward's two passes (statistics,
+then ``z``) that is the physical floor. The kept array is one of two:
 
-This is the notes' closed form (``batchnorm_backward_alt``) with the mask and the
-statistics' cotangents added; their staged version multiplies two branches that
-must be added (see ERRATA). The residuals are ``x`` itself and per-feature vectors:
-``xc`` is recomputed, so nothing of the input's size is stored twice. The backward
-reads ``x`` and ``dy`` twice, once for both sums (one reduce, ``jaxbn._stats``) and once
-for ``dx``; with the forward's two (statistics, then ``y``) that is the physical floor.
+Keep ``x`` (the default). ``xc`` is recomputed from ``x`` and per-feature vectors, so
+nothing of the input's size is stored twice: ``S2 = sum(g * (x - shift)) - delta * S1``
+(``|delta| <= ulp(mean) / 2``, so taking it out of the sum cancels nothing). ``act'(p)`` comes from ``x`` too
+(``p = y``, recomputed bit for bit as the forward computed it) or, with a residual
+(``p`` then depends on ``r``), from a boolean ``p > 0`` (``p >= 0``: leaky) kept from
+the forward, one byte per value.
+
+Keep ``z`` (``inplace=True``; InPlace-ABN, Rota Bulo et al., CVPR 2018: ``identity``
+and ``leaky_relu``). ``x`` is freed after the forward: ``act`` is invertible, so
+``p = z`` where ``z >= 0``, ``z / s`` elsewhere, ``y = p - r``, and ``act'(p)`` is read
+from the sign of ``z``. With a residual the backward also reads ``r``, an input that a
+ResNet keeps anyway. With ``u = y - beta = gamma * rstd * xc`` and ``ig = 1 / gamma``::
+
+    T  = sum(g * u)                   # one reduce with S1 = sum(g), over z and dz
+    S2 = sum(g * xc) = T * ig / rstd
+    dx = a * g + m * (k0 + (k1 * ig / rstd) * u),   dgamma = T * ig
+
+In floats ``u`` carries the rounding of ``y``, ``y - beta`` and ``p - r``, about
+``ulp(|y| + |beta| + |r|)``, so small features' gradients lose
+``log2((|y| + |beta|) / |gamma xhat|)`` bits. Where ``|gamma| <= sqrt(tiny)`` (1e-19 in
+float32) ``ig = 0``: ``z`` is then ``act(beta)`` and holds no ``xhat``, so
+``dgamma = 0`` and ``dx`` lacks the ``dvar`` term. That would leave a zero-initialized
+``gamma`` at 0 for ever, which is why keeping ``z`` is opt-in. (InPlace-ABN changes
+the forward to a scale of ``|gamma| + eps`` instead.)
+
+Batch renormalization (``Renorm``) outputs ``y = gamma * (r * rstd * xc + d) + beta``
+with ``r``, ``d`` constants: the same rule with scale ``gamma * r`` and offset
+``beta + gamma * d`` (``_scale_offset``), and ``dgamma = r * rstd * S2 + d * S1``.
 
 A feature with no value that counts (a mask excludes all of it) has no batch
 statistics: it is normalized with ``fallback`` (the running statistics in
 ``batch_norm``; mean 0 and variance 1 in ``batch_norm_fwd``), as a constant map, and
 those are the statistics returned for it. Its ``m`` is 0 everywhere, so the rule
-above already gives ``dx = a * dy`` there.
+above already gives ``dx = a * g`` there. One value per feature (``n = 1``, allowed
+for the modules, as Flax's) needs nothing special: ``xc = 0``, ``var = 0``, ``z = act(beta + r)``.
 
 Across devices (``axis_name``), ``n``, ``S1`` and ``S2`` are psum'd, since every
 device's outputs depend on the shared statistics; ``dgamma`` and ``dbeta`` stay this
@@ -46,10 +78,10 @@ device's share, as autodiff of ``gamma * xhat + beta`` would give.
 Complex ``x`` is normalized as Flax does (``var = sum(m * |xc|**2) / n``, real); its
 backward is JAX's autodiff of the same forward, not this rule.
 
-The statistics and the backward's ``x``-sized work have an XLA:CPU form too
-(``jaxbn._cpu``), chosen when the program is lowered (``jaxbn._platform``); both are
-wrapped in a ``custom_jvp`` with a plain-jnp tangent, so they are differentiable
-(``custom_vjp=False``, grad-of-grad, ``jax.hessian``) whatever form runs.
+The statistics and the backward's passes have an XLA:CPU form (``jaxbn._cpu``),
+chosen when the program is lowered (``jaxbn._platform``); each sits in a
+``custom_jvp`` with a plain-jnp tangent, so any form is differentiable
+(``custom_vjp=False``, grad-of-grad, ``jax.hessian``).
 """
 
 from __future__ import annotations
@@ -59,17 +91,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbn import _cpu, _stats
-from jaxbn._platform import per_platform
-from jaxbn._stats import compute_dtype, expand, psum, standard_promotion
-
-_FORWARD_MODE_HINT = (
-    "forward-mode differentiation (jax.jvp, jax.jacfwd) of batch_norm cannot use "
-    "jaxbn's hand-derived reverse rule; pass custom_vjp=False to batch_norm to "
-    "differentiate the same forward computation with JAX's autodiff."
-)
+from jaxbn._compat import standard_promotion
+from jaxbn._platform import differentiable_per_platform, per_platform
+from jaxbn._stats import compute_dtype, expand, psum, reduced_axes, variadic_sum
 
 
 class BatchNormResiduals(NamedTuple):
@@ -87,9 +115,9 @@ class BatchNormResiduals(NamedTuple):
       d: feature shape: batch renormalization's ``d``, or None.
     """
 
-    x: jax.Array  # input, any shape, its own dtype.
-    shift: jax.Array  # feature shape: see jaxbn._stats.
-    delta: jax.Array  # feature shape: mean - shift.
+    x: jax.Array  # input, any shape, its own dtype (keep "z": the output z).
+    shift: jax.Array  # feature shape: see jaxbn._stats (keep "z": None).
+    delta: jax.Array  # feature shape: mean - shift (keep "z": None).
     rstd: jax.Array  # feature shape: (var + eps) ** -0.5.
     gamma: jax.Array | None  # feature shape, or None without scale.
     mask: jax.Array | None  # boolean, broadcastable to x, or None.
@@ -107,15 +135,29 @@ class Renorm(NamedTuple):
     dmax: jax.Array  # (): d is clipped to [-dmax, dmax].
 
 
-class _Config(NamedTuple):
+class Spec(NamedTuple):
+    """The rule's static configuration."""
+
     axes: tuple[int, ...]  # feature axes, sorted, non-negative.
     eps: float
-    axis_name: object
-    groups: tuple[tuple[int, ...], ...] | None
-    beta_dtype: Any  # numpy dtype of beta, or None without offset.
+    axis_name: Any = None
+    groups: tuple[tuple[int, ...], ...] | None = None
+    activation: str = "identity"  # one of ACTIVATIONS.
+    slope: float = 0.0  # leaky_relu's slope for p < 0.
+    keep: str = "x"  # the backward's x-sized residual: "x", or "z" (inplace).
+    residual: bool = False  # whether r is given (and gets a gradient).
 
 
-def _affine(x, shift, delta, rstd, gamma, beta, axes):
+class Saved(NamedTuple):
+    """The rule's residuals: ``res`` (``res.x`` is ``z`` when keeping ``z``) and the rest."""
+
+    res: BatchNormResiduals
+    beta: jax.Array | None  # for dbeta's dtype and, keeping z, u = y - beta.
+    sign: jax.Array | None  # keep x with a residual: p > 0 (leaky: p >= 0), else None.
+    residual: jax.Array | None  # keep z: r, to recover y = act^-1(z) - r.
+
+
+def affine(x, shift, delta, rstd, gamma, beta, axes):
     """y = gamma * rstd * ((x - shift) - delta) + beta, in float32 or wider."""
     dt = compute_dtype(x.dtype)
     e = functools.partial(expand, ndim=x.ndim, feature_axes=axes)
@@ -127,6 +169,26 @@ def _affine(x, shift, delta, rstd, gamma, beta, axes):
     if beta is not None:
         y = y + e(beta.astype(dt))
     return y.astype(x.dtype)
+
+
+def activate(activation: str, slope: float, p):
+    if activation == "relu":
+        return jax.nn.relu(p)
+    if activation == "leaky_relu":
+        return jax.nn.leaky_relu(p, slope)
+    return p
+
+
+def _sign(spec: Spec, p):
+    return p > 0 if spec.activation == "relu" else p >= 0
+
+
+def _scale_offset(gamma, beta, r, d, dt):
+    """Batch renorm's ``gamma * (r * xhat + d) + beta`` as a batch norm's scale and offset."""
+    if r is None:
+        return gamma, beta
+    g = 1 if gamma is None else gamma.astype(dt)
+    return g * r, g * d if beta is None else beta + g * d
 
 
 def _renorm_rd(mean, rstd, renorm: Renorm, eps):
@@ -141,25 +203,31 @@ def _renorm_rd(mean, rstd, renorm: Renorm, eps):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _moments(cfg: _Config, x, mask) -> _stats.Moments:
+def moments(spec: Spec, x, mask) -> _stats.Moments:
     """The batch statistics, in the form of the platform the program is lowered for."""
-    args = (cfg.axes, cfg.axis_name, cfg.groups)
-    cpu = lambda x, m: _cpu.moments(x, m, *args)  # noqa: E731
-    clean = lambda x, m: _stats.moments(x, m, *args)  # noqa: E731
-    gpu = lambda x, m: _stats.moments(x, m, *args, split=True)  # noqa: E731
-    return per_platform(cpu, clean, x, mask, gpu=gpu)
+    args = (spec.axes, spec.axis_name, spec.groups)
+    return per_platform(
+        lambda x, m: _cpu.moments(x, m, *args),
+        lambda x, m: _stats.moments(x, m, *args),
+        x,
+        mask,
+        gpu=lambda x, m: _stats.moments(x, m, *args, split=True),
+    )
 
 
-@_moments.defjvp
+@moments.defjvp
 @standard_promotion
-def _moments_jvp(cfg: _Config, primals, tangents):
+def _moments_jvp(spec: Spec, primals, tangents):
     x, mask = primals
-    mo = _moments(cfg, x, mask)
-    return mo, _stats.moments_tangent(x, mask, cfg.axes, cfg.axis_name, cfg.groups, mo, tangents[0])
+    mo = moments(spec, x, mask)
+    return mo, _stats.moments_tangent(
+        x, mask, spec.axes, spec.axis_name, spec.groups, mo, tangents[0]
+    )
 
 
-def _fwd(cfg: _Config, x, gamma, beta, mask, renorm=None, fallback=None):
-    mo = _moments(cfg, x, mask)
+def forward(spec: Spec, x, gamma, beta, residual=None, mask=None, renorm=None, fallback=None):
+    """``((z, mean, var, n), saved)``: the rule's outputs and what its backward reads."""
+    mo = moments(spec, x, mask)
     if mask is not None:  # a feature that no value counts for: see the module docstring
         fb_mean, fb_var = (0.0, 1.0) if fallback is None else fallback
         seen = mo.count > 0
@@ -169,73 +237,50 @@ def _fwd(cfg: _Config, x, gamma, beta, mask, renorm=None, fallback=None):
             jnp.where(seen, mo.var, jnp.asarray(fb_var, mo.var.dtype)),
             mo.count,
         )
-    rstd = lax.rsqrt(mo.var + cfg.eps)
+    rstd = lax.rsqrt(mo.var + spec.eps)
     r = d = None
     if renorm is not None:
-        # y = gamma * (r * xhat + d) + beta: a batch norm with scale gamma * r and
-        # offset beta + gamma * d, so the backward below needs only those two.
-        r, d = _renorm_rd(mo.mean, rstd, renorm, cfg.eps)
-        g = 1 if gamma is None else gamma.astype(rstd.dtype)
-        y = _affine(
-            x, mo.shift, mo.delta, rstd, g * r, g * d if beta is None else beta + g * d, cfg.axes
-        )
-    else:
-        y = _affine(x, mo.shift, mo.delta, rstd, gamma, beta, cfg.axes)
+        r, d = _renorm_rd(mo.mean, rstd, renorm, spec.eps)
+    y = affine(
+        x, mo.shift, mo.delta, rstd, *_scale_offset(gamma, beta, r, d, rstd.dtype), spec.axes
+    )
+    p = y if residual is None else y + residual
+    z = activate(spec.activation, spec.slope, p)
     res = BatchNormResiduals(x, mo.shift, mo.delta, rstd, gamma, mask, mo.count, r, d)
-    return (y, mo.mean, mo.var, mo.count), res
+    if spec.keep == "z":  # u comes from z (and r): x, shift and delta are not needed
+        saved = Saved(res._replace(x=z, shift=None, delta=None), beta, None, residual)
+    else:
+        sign = None
+        if residual is not None and spec.activation != "identity":
+            sign = _sign(spec, p)
+        saved = Saved(res, beta, sign, None)
+    return (z, mo.mean, mo.var, mo.count), saved
 
 
-def _backward_sums(cfg: _Config, dy, x, shift, delta, rstd, *, cpu, fused=True, split=False):
-    """This device's ``(S1, S2)``: XLA:CPU's form (``jaxbn._cpu``) or one fused reduce."""
-    if cpu:
-        (dy1, _, _), (dy2, x2, sh2) = _cpu.copies((dy, x, shift), 2)
-        delta, rstd = lax.optimization_barrier((delta, rstd))
-        s_dy = jnp.reshape(
-            jnp.sum(dy1.astype(rstd.dtype), _stats.reduced_axes(x.ndim, cfg.axes)), rstd.shape
-        )
-        s_dyxc = jnp.reshape(_cpu.sum_dy_xc(dy2, x2, sh2, delta, rstd, s_dy, cfg.axes), rstd.shape)
-        return s_dy, s_dyxc
-    s_dy, s_dyxc = _stats.backward_sums(dy, x, shift, delta, cfg.axes, fused=fused, split=split)
-    return jnp.reshape(s_dy, rstd.shape), jnp.reshape(s_dyxc, rstd.shape)
-
-
-def _dx(cfg: _Config, dy, x, shift, a, k0, k1, mask, *, cpu):
-    """``dx = a * dy + m * (k0 + k1 * (x - shift))``, one pass (its own inputs on CPU)."""
-    if cpu:  # the vectors too: a broadcast the forward's y pass shares would be written out
-        dy, x, shift, a, k0, k1 = _cpu.copies((dy, x, shift, a, k0, k1), 1)[0]
-    dt = compute_dtype(x.dtype)
-    e = functools.partial(expand, ndim=x.ndim, feature_axes=cfg.axes)
-    stat_term = e(k0) + (x.astype(dt) - e(shift)) * e(k1)
-    if mask is not None:
-        stat_term = jnp.where(mask, stat_term, 0)
-    return (e(a) * dy.astype(dt) + stat_term).astype(x.dtype)
-
-
-def differentiable_per_platform(fn, *, split=False, **reference_kwargs):
-    """``fn(cfg, *args, cpu=...)`` per platform, with the clean form's jvp as tangent.
-
-    ``split``: GPUs get ``fn(..., cpu=False, split=True)`` (XLA:GPU's two-step column
-    sums, ``jaxbn._stats.variadic_sum``). ``reference_kwargs`` go to the clean form used
-    for the tangent (e.g. ``fused=False``: autodiff cannot transpose a variadic reduce).
-    """
-
-    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-    def wrapped(cfg, *args):
-        cpu = functools.partial(fn, cfg, cpu=True)
-        gpu = functools.partial(fn, cfg, cpu=False, split=True) if split else None
-        return per_platform(cpu, functools.partial(fn, cfg, cpu=False), *args, gpu=gpu)
-
-    @wrapped.defjvp
-    @standard_promotion
-    def wrapped_jvp(cfg, primals, tangents):
-        reference = functools.partial(fn, cfg, cpu=False, **reference_kwargs)
-        return wrapped(cfg, *primals), jax.jvp(reference, primals, tangents)[1]
-
-    return wrapped
-
-
-_backward_sums_pp = differentiable_per_platform(_backward_sums, split=True, fused=False)
-_dx_pp = differentiable_per_platform(_dx)
+def _g_u(spec: Spec, dz, saved: Saved):
+    """``g = dz * act'(p)`` and ``u``, with ``S2 = sum(g * u)`` (then corrected, see
+    :func:`_grads`): ``x - shift`` keeping ``x``, ``y - beta`` keeping ``z``."""
+    res = saved.res
+    big, dt = res.x, res.rstd.dtype
+    e = functools.partial(expand, ndim=big.ndim, feature_axes=spec.axes)
+    bf = big.astype(dt)
+    sign = saved.sign
+    if spec.keep == "z":
+        sign = bf >= 0
+        p = bf if spec.activation == "identity" else jnp.where(sign, bf, bf / spec.slope)
+        y = p if saved.residual is None else p - saved.residual.astype(dt)
+        offset = _scale_offset(res.gamma, saved.beta, res.r, res.d, dt)[1]
+        u = y if offset is None else y - e(offset.astype(dt))
+    else:
+        if sign is None and spec.activation != "identity":  # no residual: p = y, recomputed
+            scale, offset = _scale_offset(res.gamma, saved.beta, res.r, res.d, dt)
+            y = affine(big, res.shift, res.delta, res.rstd, scale, offset, spec.axes)
+            sign = _sign(spec, y)
+        u = bf - e(res.shift)
+    g = dz.astype(dt)
+    if spec.activation != "identity":
+        g = jnp.where(sign, g, 0 if spec.activation == "relu" else spec.slope * g)
+    return g, u
 
 
 def coefficients(a, rstd, S1, S2, dmean, dvar, n):
@@ -247,43 +292,107 @@ def coefficients(a, rstd, S1, S2, dmean, dvar, n):
     return k0, k1
 
 
-def _bwd(cfg: _Config, res: BatchNormResiduals, cotangents):
-    x, shift, delta, rstd, gamma, mask, n, r, d = res
-    dy, dmean, dvar = cotangents[:3]  # the count's cotangent, if any, is ignored
-    dt = compute_dtype(x.dtype)
-    a = rstd if gamma is None else rstd * gamma.astype(dt)
-    if r is not None:
-        a = a * r
-    s_dy, s_dyxc = _backward_sums_pp(cfg, dy, x, shift, delta, rstd)
-    S1, S2 = psum((s_dy, s_dyxc), cfg.axis_name, cfg.groups)
-    k0, k1 = coefficients(a, rstd, S1, S2, dmean, dvar, n)
-    dx = _dx_pp(cfg, dy, x, shift, a, k0 - k1 * delta, k1, mask)
-    if gamma is None:
+def _xc_per_u(spec: Spec, saved: Saved):
+    """Keeping z, ``xc = c * u`` (``u = scale * rstd * xc``); 0 where ``|scale| <= sqrt(tiny)``."""
+    res, dt = saved.res, saved.res.rstd.dtype
+    scale = _scale_offset(res.gamma, saved.beta, res.r, res.d, dt)[0]
+    c = 1 / res.rstd
+    if scale is None:
+        return c
+    small = jnp.abs(scale.astype(dt)) <= np.sqrt(np.finfo(dt).tiny)
+    return jnp.where(small, 0, 1 / jnp.where(small, 1, scale.astype(dt))) * c
+
+
+def _g_cpu(spec: Spec, dz, saved: Saved):
+    """XLA:CPU's ``g``, written once and read by plain sums (see :func:`_sums`)."""
+    g = dz if spec.activation == "identity" else _g_u(spec, dz, saved)[0]
+    return g if spec.activation == "leaky_relu" else g.astype(dz.dtype)
+
+
+def _sums(spec: Spec, dz, saved: Saved, *, cpu, fused=True, split=False):
+    """This device's ``(S1, S2) = (sum(g), sum(g * xc))``, in one reduce (``fused``).
+
+    ``cpu``: XLA:CPU's form (``jaxbn._cpu``) when keeping ``x``: XLA:CPU runs a
+    reduction with a mask or a broadcast inside 2-3x slower than a plain sum, so there
+    ``g`` is written once (exactly, in dz's dtype, but for leaky_relu; ``batch_norm``'s
+    is ``dz`` itself). ``fused=False``: separate sums (autodiff cannot transpose a
+    variadic reduce). ``split``: XLA:GPU's two-step column sums
+    (``jaxbn._stats.variadic_sum``).
+    """
+    res = saved.res
+    if cpu and spec.keep == "x":
+        g = _g_cpu(spec, dz, saved)
+        return _cpu.backward_sums(g, res.x, res.shift, res.delta, res.rstd, spec.axes)
+    g, u = _g_u(spec, dz, saved)
+    red = reduced_axes(u.ndim, spec.axes)
+    ops = (g, g * u)
+    s1, s2 = variadic_sum(ops, red, split) if fused else (jnp.sum(o, red) for o in ops)
+    s1, s2 = jnp.reshape(s1, res.rstd.shape), jnp.reshape(s2, res.rstd.shape)
+    if spec.keep == "z":
+        return s1, s2 * _xc_per_u(spec, saved)
+    return s1, s2 - res.delta * s1  # u = x - shift = xc + delta
+
+
+def _dx(spec: Spec, dz, saved: Saved, a, k0, k1, *, cpu, split=False):
+    """``dx = a * g + m * (k0 + k1 * u)`` and ``dr = g``, in one pass."""
+    res = saved.res
+    if cpu and spec.keep == "x":
+        g = _g_cpu(spec, dz, saved)
+        return _cpu.dx(g, res.x, res.shift, a, k0, k1, res.mask, spec.axes), g.astype(dz.dtype)
+    g, u = _g_u(spec, dz, saved)
+    e = functools.partial(expand, ndim=u.ndim, feature_axes=spec.axes)
+    stat = e(k0) + u * e(k1)
+    if res.mask is not None:
+        stat = jnp.where(res.mask, stat, 0)
+    return (e(a) * g + stat).astype(dz.dtype), g.astype(dz.dtype)
+
+
+_sums_pp = differentiable_per_platform(_sums, split=True, fused=False)
+_dx_pp = differentiable_per_platform(_dx)
+
+
+def backward(spec: Spec, saved: Saved, cotangents):
+    """``(dx, dgamma, dbeta, dr)`` from the rule's residuals and ``(dz, dmean, dvar[, dn])``."""
+    dz, dmean, dvar = cotangents[:3]  # the count's cotangent, if any, is ignored
+    res = saved.res
+    rstd = res.rstd
+    scale = _scale_offset(res.gamma, saved.beta, res.r, res.d, rstd.dtype)[0]
+    a = rstd if scale is None else rstd * scale.astype(rstd.dtype)
+    s1, s2 = _sums_pp(spec, dz, saved)
+    S1, S2 = psum((s1, s2), spec.axis_name, spec.groups)
+    k0, k1 = coefficients(a, rstd, S1, S2, dmean, dvar, res.count)
+    if spec.keep == "z":  # xc = c * u
+        k0, k1 = k0, k1 * _xc_per_u(spec, saved)
+    else:  # xc = u - delta
+        k0, k1 = k0 - k1 * res.delta, k1
+    dx, dr = _dx_pp(spec, dz, saved, a, k0, k1)
+    if res.gamma is None:
         dgamma = None
-    elif r is None or d is None:
-        dgamma = (rstd * s_dyxc).astype(gamma.dtype)
+    elif res.r is None or res.d is None:
+        dgamma = (rstd * s2).astype(res.gamma.dtype)
     else:
-        dgamma = (r * rstd * s_dyxc + d * s_dy).astype(gamma.dtype)
-    dbeta = None if cfg.beta_dtype is None else s_dy.astype(cfg.beta_dtype)
-    return dx, dgamma, dbeta
+        dgamma = (res.r * rstd * s2 + res.d * s1).astype(res.gamma.dtype)
+    dbeta = None if saved.beta is None else s1.astype(saved.beta.dtype)
+    return dx, dgamma, dbeta, dr
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train(cfg, x, gamma, beta, mask, renorm, fallback):
-    return _fwd(cfg, x, gamma, beta, mask, renorm, fallback)[0]
+def train(spec: Spec, x, gamma, beta, residual, mask, renorm, fallback):
+    """The training forward with the rule above as its reverse-mode derivative."""
+    return forward(spec, x, gamma, beta, residual, mask, renorm, fallback)[0]
 
 
-def _train_fwd(cfg, x, gamma, beta, mask, renorm, fallback):
-    out, res = _fwd(cfg, x, gamma, beta, mask, renorm, fallback)
-    return out, (res, renorm, fallback)
+def _train_fwd(spec, x, gamma, beta, residual, mask, renorm, fallback):
+    out, saved = forward(spec, x, gamma, beta, residual, mask, renorm, fallback)
+    return out, (saved, renorm, fallback)
 
 
 @standard_promotion
-def _train_bwd(cfg, saved, cotangents):
-    res, renorm, fallback = saved
-    dx, dgamma, dbeta = _bwd(cfg, res, cotangents)
+def _train_bwd(spec, saved, cotangents):
+    saved, renorm, fallback = saved
+    dx, dgamma, dbeta, dr = backward(spec, saved, cotangents)
     zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
-    return dx, dgamma, dbeta, None, zeros(renorm), zeros(fallback)
+    return dx, dgamma, dbeta, dr if spec.residual else None, None, zeros(renorm), zeros(fallback)
 
 
-_train.defvjp(_train_fwd, _train_bwd)
+train.defvjp(_train_fwd, _train_bwd)

@@ -28,11 +28,13 @@ Elsewhere, or with NaN, the shifted sum of ``jaxbn._stats``.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _stats
-from jaxbn._compat import vary_like_predicate
+from jaxbn._compat import vary_like
 from jaxbn._stats import Moments, compute_dtype, expand, psum, reduced_axes
 
 FAST_LIMIT = 16.0  # K: the fast statistics only where msq <= K * var.
@@ -50,9 +52,8 @@ def _masked(v, m):
 
 def cond(pred, true_fn, false_fn, *operands):
     """``lax.cond`` with its operands passed, not closed over, and marked varying like
-    ``pred`` first (:func:`jaxbn._compat.vary_like_predicate`: under ``vmap`` of a
-    ``shard_map`` JAX runs the cond as a select of both branches)."""
-    return lax.cond(pred, true_fn, false_fn, *vary_like_predicate(pred, *operands))
+    ``pred`` first (:func:`jaxbn._compat.vary_like`)."""
+    return lax.cond(pred, true_fn, false_fn, *(vary_like(v, pred) for v in operands))
 
 
 def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Moments:
@@ -72,7 +73,7 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
         fast = lax.psum(jnp.where(fast, 0, 1), axis_name) == 0
 
     def fast_moments(x, m, mean, var, n):
-        return Moments(mean, jnp.zeros_like(mean), jnp.maximum(var, 0), n)
+        return mean, jnp.zeros_like(mean), jnp.maximum(var, 0)
 
     def shifted_moments(x, m, mean, var, n):  # the clean program's sums, each its own pass
         s = _stats.shift_of(x, m, feature_axes, axis_name, axis_index_groups)
@@ -85,9 +86,10 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
             axis_name,
             axis_index_groups,
         )
-        return _stats.combine(sums, s, n, _stats._size(x, feature_axes))
+        return _stats.combine(sums, s, n, _stats._size(x, feature_axes))[:3]
 
-    return cond(fast, fast_moments, shifted_moments, x, m, mean, var, n)
+    # n stays out of the cond's outputs: its type is the clean form's (jaxbn._platform)
+    return Moments(*cond(fast, fast_moments, shifted_moments, x, m, mean, var, n), n)
 
 
 def sum_dy_xc(dy, x, shift, delta, rstd, s_dy, feature_axes):
@@ -105,3 +107,25 @@ def sum_dy_xc(dy, x, shift, delta, rstd, s_dy, feature_axes):
         return jnp.sum(dyf * (xf - expand(shift, x.ndim, feature_axes)), red) - delta * s_dy
 
     return cond(small, unshifted, shifted, dy, x, shift, delta, s_dy)
+
+
+def backward_sums(dy, x, shift, delta, rstd, feature_axes):
+    """``(S1, S2)`` of this device, each sum over its own copies of its inputs."""
+    (dy1, _, _), (dy2, x2, sh2) = copies((dy, x, shift), 2)
+    delta, rstd = lax.optimization_barrier((delta, rstd))
+    s_dy = jnp.reshape(
+        jnp.sum(dy1.astype(rstd.dtype), reduced_axes(x.ndim, feature_axes)), rstd.shape
+    )
+    return s_dy, jnp.reshape(sum_dy_xc(dy2, x2, sh2, delta, rstd, s_dy, feature_axes), rstd.shape)
+
+
+def dx(dy, x, shift, a, k0, k1, mask, feature_axes):
+    """``dx = a * dy + m * (k0 + k1 * (x - shift))``, one pass over its own copies of its
+    inputs (the vectors too: a broadcast the forward's ``y`` pass shares is written out)."""
+    dy, x, shift, a, k0, k1 = copies((dy, x, shift, a, k0, k1), 1)[0]
+    dt = compute_dtype(x.dtype)
+    e = functools.partial(expand, ndim=x.ndim, feature_axes=feature_axes)
+    stat = e(k0) + (x.astype(dt) - e(shift)) * e(k1)
+    if mask is not None:
+        stat = jnp.where(mask, stat, 0)
+    return (e(a) * dy.astype(dt) + stat).astype(x.dtype)

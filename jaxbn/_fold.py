@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._core import _affine
-from jaxbn._state import BatchNormState, init_state
-from jaxbn._stats import standard_promotion
+from jaxbn._compat import standard_promotion
+from jaxbn._core import affine
+from jaxbn._state import BatchNormState, check_state, init_state
 
 
 @standard_promotion
@@ -70,11 +70,11 @@ def fold_batch_norm(
     bias = _checks.check_per_feature("bias", bias, (c,))
     gamma = _checks.check_per_feature("gamma", gamma, (c,))
     beta = _checks.check_per_feature("beta", beta, (c,))
-    _checks.check_state(state, (c,))
+    check_state(state, (c,))
     rstd = lax.rsqrt(state.var + _checks.check_eps(eps))
-    new_kernel = _affine(kernel, jnp.zeros(()), None, rstd, gamma, None, (kernel.ndim - 1,))
+    new_kernel = affine(kernel, jnp.zeros(()), None, rstd, gamma, None, (kernel.ndim - 1,))
     z = jnp.zeros((c,), kernel.dtype) if bias is None else bias.astype(kernel.dtype)
-    return new_kernel, _affine(z, state.mean, None, rstd, gamma, beta, (0,))
+    return new_kernel, affine(z, state.mean, None, rstd, gamma, beta, (0,))
 
 
 def _as_state(state) -> BatchNormState:

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _checks
-from jaxbn._core import _Config, _moments
+from jaxbn._compat import standard_promotion
+from jaxbn._core import Spec, moments
 from jaxbn._state import BatchNormState
-from jaxbn._stats import standard_promotion
 
 
 @standard_promotion
@@ -121,7 +121,7 @@ def _batch_moments(axis, xs):
     out = []
     for x in xs:
         axes = _checks.normalize_axes(axis, x.ndim)
-        mo = _moments(_Config(axes, 1e-5, None, None, None), x, None)
+        mo = moments(Spec(axes, 1e-5), x, None)
         out.append((mo.count, mo.shift, mo.delta, mo.var))
     return out
 

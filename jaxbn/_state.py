@@ -1,4 +1,4 @@
-"""The running statistics of a batch norm layer, as an explicit pytree value."""
+"""The running statistics of a batch norm layer: an explicit pytree value, its check and update."""
 
 from __future__ import annotations
 
@@ -59,3 +59,82 @@ def init_state(num_features, dtype=jnp.float32) -> BatchNormState:
         var=jnp.ones(shape, dtype),
         count=jnp.zeros((), jnp.int32),
     )
+
+
+def check_state(state, feature_shape: tuple[int, ...]):
+    """Checks ``state`` and returns it with array fields (lists and Python ints converted)."""
+    if not isinstance(state, BatchNormState):
+        raise TypeError(
+            f"state must be a jaxbn.BatchNormState (from jaxbn.init_state), got "
+            f"{type(state).__name__}."
+        )
+    fields = []
+    for field in ("mean", "var", "count"):
+        v = getattr(state, field)
+        try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError("not a number")
+            v = jnp.asarray(v)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"state.{field} must be an array, got {type(v).__name__} ({err})."
+            ) from None
+        fields.append(v)
+    if any(f is not getattr(state, n) for f, n in zip(fields, ("mean", "var", "count"))):
+        state = BatchNormState(*fields)  # else the very same object, as evaluation returns it
+    for field in ("mean", "var"):
+        v = getattr(state, field)
+        if v.shape != feature_shape:
+            raise ValueError(
+                f"state.{field} has shape {v.shape}, but x has feature shape "
+                f"{feature_shape} along axis; create the state with "
+                f"jaxbn.init_state({feature_shape if len(feature_shape) != 1 else feature_shape[0]})."
+            )
+    mean_dt = state.mean.dtype
+    if jnp.issubdtype(mean_dt, jnp.complexfloating):  # the running mean of complex input
+        mean_dt = jnp.finfo(mean_dt).dtype
+    check_state_dtype("state.mean dtype", mean_dt)
+    if state.var.dtype != mean_dt:
+        raise TypeError(
+            f"state.var has dtype {state.var.dtype} but state.mean has dtype "
+            f"{state.mean.dtype}; expected one precision for both (var is real)."
+        )
+    if jnp.shape(state.count) != () or not jnp.issubdtype(
+        jnp.result_type(state.count), jnp.integer
+    ):
+        raise TypeError(
+            f"state.count must be an integer scalar, got shape {jnp.shape(state.count)} "
+            f"and dtype {jnp.result_type(state.count)}."
+        )
+    return state
+
+
+def update(state: BatchNormState, mean, var, seen, momentum) -> BatchNormState:
+    """running = momentum * running + (1 - momentum) * batch, in the state's dtype.
+
+    ``seen`` (masked): a feature that saw no value keeps its statistics, and a step
+    that saw none is no update. ``momentum=None``: the cumulative average.
+    """
+    dt = state.var.dtype
+    # complex input: the running mean becomes complex, as Flax's does (var stays real)
+    mean_dt = jnp.promote_types(
+        state.mean.dtype, jnp.result_type(mean.dtype, dt) if jnp.iscomplexobj(mean) else dt
+    )
+    if momentum is None:  # cumulative average, PyTorch's momentum=None
+        w = 1 / (state.count.astype(dt) + 1)
+        keep = 1 - w
+    else:
+        keep, w = jnp.asarray(momentum, dt), jnp.asarray(1 - momentum, dt)
+    new_mean = keep * state.mean.astype(mean_dt) + w * mean.astype(mean_dt)
+    new_var = keep * state.var + w * var.astype(dt)
+    step = jnp.ones((), state.count.dtype)
+    if seen is not None:
+        new_mean = jnp.where(seen, new_mean, state.mean)
+        new_var = jnp.where(seen, new_var, state.var)
+        step = jnp.any(seen).astype(state.count.dtype)
+    return BatchNormState(new_mean, new_var, state.count + step)
+
+
+def unbiased(var, count):
+    """``var * n / (n - 1)`` where ``n = count > 1`` (PyTorch's running variance)."""
+    return jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)

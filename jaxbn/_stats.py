@@ -54,20 +54,12 @@ Across devices (``axis_name``), ``s`` is the value of the first device that hold
 one (a ``pmin`` and a ``psum`` of feature vectors), so one shift serves all, and the
 sums and counts are psum'd: unequal per-device counts are weighted exactly. Counts
 are int32.
-
-Backward sums, read in one reduce of ``x`` and ``dy``::
-
-    S1 = sum(dy),   S2 = sum(dy * (x - shift)) - delta * S1      # = sum(dy * xc)
-
-``|delta| <= ulp(mean) / 2``, so taking it out of the sum cancels nothing.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from typing import NamedTuple, ParamSpec, TypeVar
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,27 +78,6 @@ class Moments(NamedTuple):
     @property
     def mean(self) -> jax.Array:
         return self.shift + self.delta
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def standard_promotion(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Runs ``fn`` under JAX's standard dtype promotion, whatever the user's setting.
-
-    jaxbn mixes dtypes on purpose (a bfloat16 ``x`` with float32 statistics, an int32
-    count), which ``jax_numpy_dtype_promotion="strict"`` (Equinox's tests use it)
-    refuses. Every entry point, and every rule JAX traces later (the backward, the
-    tangents), wears this decorator.
-    """
-
-    @functools.wraps(fn)
-    def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with jax.numpy_dtype_promotion("standard"):
-            return fn(*args, **kwargs)
-
-    return wrapped
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -395,13 +366,3 @@ def moments_tangent(x, m, feature_axes, axis_name, axis_index_groups, mo: Moment
 
 def _int_zero(v):
     return np.zeros(jnp.shape(v), jax.dtypes.float0)
-
-
-def backward_sums(dy, x, shift, delta, feature_axes, fused=True, split=False):
-    """``(S1, S2)`` of this device, in one reduce of ``x`` and ``dy`` (``fused``)."""
-    dt = shift.dtype
-    red = reduced_axes(x.ndim, feature_axes)
-    dyf = dy.astype(dt)
-    ops = (dyf, dyf * (x.astype(dt) - expand(shift, x.ndim, feature_axes)))
-    s1, t = variadic_sum(ops, red, split) if fused else (jnp.sum(o, red) for o in ops)
-    return s1, t - delta * s1

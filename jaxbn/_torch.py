@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _checks
-from jaxbn._state import BatchNormState
+from jaxbn._state import BatchNormState, check_state
 
 _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -61,7 +61,7 @@ def from_torch(state_dict: Mapping, prefix: str = ""):
         jnp.asarray(get("running_var"), jnp.float32),
         jnp.asarray(0 if count is None else int(np.asarray(count)), jnp.int32),
     )
-    _checks.check_state(state, state.mean.shape)
+    check_state(state, state.mean.shape)
     return f32("weight"), f32("bias"), state
 
 
@@ -91,7 +91,7 @@ def to_torch(gamma, beta, state: BatchNormState, prefix: str = "") -> dict:
       >>> sorted(sd), sd["running_var"]
       (['num_batches_tracked', 'running_mean', 'running_var'], array([1., 1.], dtype=float32))
     """
-    _checks.check_state(state, state.mean.shape)
+    check_state(state, state.mean.shape)
     # np.array copies: np.asarray of a jax array is a read-only view, on which
     # torch.from_numpy warns (and a write through the tensor would be undefined).
     out = {

@@ -38,9 +38,9 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxbn import _checks
-from jaxbn._batch_norm import _update, batch_norm
-from jaxbn._state import BatchNormState
-from jaxbn._stats import standard_promotion
+from jaxbn._batch_norm import batch_norm
+from jaxbn._compat import standard_promotion
+from jaxbn._state import BatchNormState, check_state, update
 
 
 @standard_promotion
@@ -98,7 +98,7 @@ def batch_renorm(
         raise ValueError(
             "momentum=None (a cumulative average) is not batch_renorm's; pass a number."
         )
-    state = _checks.check_state(state, _feature_shape(x, axis))
+    state = check_state(state, _feature_shape(x, axis))
     _, batch = batch_norm(  # the batch's statistics, differentiable (exact tangents)
         x, None, None, state, training=True, momentum=0.0, custom_vjp=False,
         axis_name=axis_name, axis_index_groups=axis_index_groups, **common,
@@ -117,7 +117,7 @@ def batch_renorm(
     y, _ = batch_norm(
         x, gamma, beta, BatchNormState(mean, var, state.count), training=False, **common
     )
-    return y, _update(state, mean_b, var_b, None, momentum)
+    return y, update(state, mean_b, var_b, None, momentum)
 
 
 def _feature_shape(x, axis) -> tuple[int, ...]:

@@ -12,7 +12,6 @@ core: it holds no arithmetic.
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Hashable, Sequence
@@ -31,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _checks
-from jaxbn._batch_norm import _update, batch_norm
-from jaxbn._modules import one_value_batch_norm
-from jaxbn._state import BatchNormState
+from jaxbn._batch_norm import batch_norm, normalize
+from jaxbn._checks import UnboundAxisNameError
+from jaxbn._state import BatchNormState, update
 
 __all__ = ["BatchNorm", "UnboundAxisNameError"]
 
@@ -44,22 +43,6 @@ _LEGACY_WARNING = (  # Equinox 0.13.8's, for a mode left unspecified
     "impact, and for new code the user is encouraged to use 'batch' "
     "instead. See `https://github.com/patrick-kidger/equinox/issues/659`."
 )
-
-
-class UnboundAxisNameError(NameError, ValueError):
-    """Training under no ``vmap``/``pmap``/``shard_map`` of the layer's ``axis_name``.
-
-    A ``NameError``, as Equinox's layer raises there, and a ``ValueError``, as
-    jaxbn's checks raise.
-    """
-
-
-def _check_input_size(input_size) -> int:
-    if isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral):
-        raise TypeError(f"input_size must be an int (the number of channels), got {input_size!r}.")
-    if int(input_size) <= 0:
-        raise ValueError(f"input_size must be positive, got {input_size!r}.")
-    return int(input_size)
 
 
 def _check_axis(axis) -> int:
@@ -212,7 +195,7 @@ class BatchNorm(eqx.nn.BatchNorm):
                 "momentum=None (a cumulative average) needs mode='batch'; mode='ema' "
                 "normalizes with the running average itself, which needs a momentum."
             )
-        input_size = _check_input_size(input_size)
+        input_size = _checks.feature_shape_of(input_size, "input_size", tuples=False)[0]
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a real floating dtype, got {dtype}.")
@@ -287,18 +270,6 @@ class BatchNorm(eqx.nn.BatchNorm):
             )
         return a
 
-    def _axis_size(self) -> int:
-        """How many examples share the statistics along ``axis_name``."""
-        try:
-            return jax.lax.axis_size(self.axis_name)
-        except NameError:
-            raise UnboundAxisNameError(
-                f"axis_name {self.axis_name!r} is not bound here; in training, call the "
-                f"layer inside jax.vmap (or jax.pmap, jax.shard_map) with "
-                f"axis_name={self.axis_name!r}, or build it with axis_name=None to give it "
-                f"the whole batch."
-            ) from None
-
     def __call__(
         self,
         x: jax.Array,
@@ -352,7 +323,6 @@ class BatchNorm(eqx.nn.BatchNorm):
                 x, self.weight, self.bias, running, training=False, axis=axis, eps=self.eps
             )
             return y, state
-        devices = 1 if self.axis_name is None else self._axis_size()
         options: dict[str, Any] = dict(
             axis=axis,
             momentum=self.momentum,
@@ -360,16 +330,12 @@ class BatchNorm(eqx.nn.BatchNorm):
             axis_name=self.axis_name,
             unbiased_running_var=self.unbiased_running_var,
             custom_vjp=self.custom_vjp,
-            renorm=None,
-            virtual_batch_size=None,
         )
-        values = math.prod(n for i, n in enumerate(x.shape) if i != axis) * devices
 
-        def train(weight, bias, running, **changes):
-            opts = dict(options, **changes)
-            if values == 1:  # one value per channel: y = bias, as Equinox (the core raises)
-                return one_value_batch_norm(x, weight, bias, running, mask=None, options=opts)
-            return batch_norm(x, weight, bias, running, training=True, **opts)
+        def train(weight, bias, running, **changes):  # one value per channel: y = bias
+            return normalize(
+                x, weight, bias, running, training=True, one_value=True, **(options | changes)
+            )
 
         if self.mode == "ema":
             return self._ema(x, state, running, train, axis)
@@ -392,7 +358,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         assert self.ema_first_time_index is not None and self.ema_state_index is not None
         first = state.get(self.ema_first_time_index)
         _, batch = train(None, None, running, momentum=0.0, custom_vjp=False)
-        blend = _update(running, batch.mean, batch.var, None, self.momentum)
+        blend = update(running, batch.mean, batch.var, None, self.momentum)
         stats = BatchNormState(
             jax.lax.select(first, batch.mean, blend.mean),
             jax.lax.select(first, batch.var, blend.var),

@@ -197,7 +197,7 @@ def test_cpu_program_keeping_x_is_batch_norm_then_relu(dtype):
         compiled_program(jax.grad(loss(f), (0, 1, 2)), x, gamma, beta, dz)
         for f in (fused_op, composition)
     ]
-    assert programs[0] == programs[1]
+    assert sorted(programs[0]) == sorted(programs[1])  # the same kernels (order aside)
 
 
 def test_across_devices_equals_one_device(program):
@@ -290,3 +290,32 @@ def test_inplace_needs_an_invertible_activation(act, residual):
         jaxbn.batch_norm_act(
             x, None, None, ST3, training=True, activation=act, residual=r, inplace=True
         )
+
+
+@pytest.mark.parametrize("option", [dict(renorm=(1.5, 0.5)), dict(virtual_batch_size=4)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_every_batch_norm_option_reaches_batch_norm_act(option, inplace):
+    # one pipeline: batch_norm_act(..., option) is act(batch_norm(..., option) + r), with
+    # its gradients (a random cotangent) and running statistics
+    rs = np.random.RandomState(3)
+    x, r, dz = (jnp.asarray(rs.randn(16, 5) * 2 + 1, jnp.float32) for _ in range(3))
+    gamma, beta = jnp.asarray(rs.rand(5) + 0.5, jnp.float32), jnp.asarray(rs.randn(5), jnp.float32)
+    state = jaxbn.BatchNormState(jnp.full(5, 0.7), jnp.full(5, 2.5), jnp.zeros((), jnp.int32))
+    act = dict(activation="leaky_relu", negative_slope=SLOPE, inplace=inplace)
+
+    def fused_op(x, g, b, r):
+        z, st = jaxbn.batch_norm_act(x, g, b, state, training=True, residual=r, **act, **option)
+        return z, st
+
+    def composition(x, g, b, r):
+        y, st = jaxbn.batch_norm(x, g, b, state, training=True, **option)
+        return jax.nn.leaky_relu(y + r, SLOPE), st
+
+    (z, st), vjp = jax.vjp(fused_op, x, gamma, beta, r)
+    (z_ref, st_ref), vjp_ref = jax.vjp(composition, x, gamma, beta, r)
+    np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(st, st_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    zero_st = jax.tree.map(jnp.zeros_like, st)
+    for a, b in zip(vjp((dz, zero_st)), vjp_ref((dz, zero_st))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

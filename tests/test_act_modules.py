@@ -152,14 +152,6 @@ def test_activation_errors():
     bn = jaxbn.linen.BatchNorm(use_running_average=False, activation="gelu")
     with pytest.raises(ValueError, match="activation must be one of"):
         bn.init(jax.random.key(0), x)
-    bn = jaxbn.linen.BatchNorm(use_running_average=False, activation="relu", renorm=(3.0, 5.0))
-    with pytest.raises(
-        ValueError, match=r"renorm=\(3.0, 5.0\) cannot be combined with activation='relu'"
-    ):
-        bn.init(jax.random.key(0), x)
-    bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0), virtual_batch_size=4)
-    with pytest.raises(ValueError, match="virtual_batch_size=4 cannot be combined"):
-        bn(x, residual=x)
     bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0), activation="relu")
     with pytest.raises(ValueError, match="residual has shape"):
         bn(x, residual=jnp.ones((8, 1)))

@@ -8,7 +8,7 @@ from jax.test_util import check_grads
 from reference import bn_ref, reduce_axes, rel_err, vjp_jit
 
 import jaxbn
-from jaxbn._core import _bwd as _real_bwd
+from jaxbn._core import backward as _real_bwd
 
 # (shape, feature axis): (N, D), NHWC, NCHW, two feature axes, a leading feature axis.
 LAYOUTS = [
@@ -114,7 +114,7 @@ def test_value_and_grad_uses_the_custom_rule(monkeypatch):
     import jaxbn._core as core
 
     calls = []
-    monkeypatch.setattr(core, "_bwd", lambda *a: calls.append(1) or _real_bwd(*a))
+    monkeypatch.setattr(core, "backward", lambda *a: calls.append(1) or _real_bwd(*a))
     x, gamma, beta, _, _ = make((16, 5), -1, jnp.float32, True)
     w = jnp.asarray(np.random.RandomState(4).randn(16, 5), jnp.float32)
     f = lambda x, g, b: jnp.sum(
@@ -129,7 +129,7 @@ def test_value_and_grad_uses_the_custom_rule(monkeypatch):
     assert rel_err(v, v_ref) < 1e-5
     for a, b in zip(g, g_ref):
         assert rel_err(a, b) < 1e-5
-    assert calls, "the gradient did not go through jaxbn._core._bwd"
+    assert calls, "the gradient did not go through jaxbn._core.backward"
 
 
 def test_public_fwd_bwd_equal_jax_vjp():

@@ -45,8 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn._act import batch_norm_act
-from jaxbn._batch_norm import batch_norm
+from jaxbn._batch_norm import batch_norm, batch_norm_act
 from jaxbn._state import init_state
 from jaxbn.cli.args import bench_parser
 from jaxbn.cli.bench_host import (
