@@ -30,50 +30,28 @@ _EXPORTS = {  # public name -> the private module that defines it
     "population_stats": "jaxbn._population",
     "to_torch": "jaxbn._torch",
 }
+__all__ = sorted(_EXPORTS)
 
-__all__ = [  # the keys of _EXPORTS, literal for type checkers
-    "BatchNormResiduals",
-    "BatchNormState",
-    "batch_norm",
-    "batch_norm_act",
-    "batch_norm_bwd",
-    "batch_norm_fwd",
-    "batch_renorm",
-    "flax_variables_from_torch",
-    "flax_variables_to_torch",
-    "fold_batch_norm",
-    "fold_linen",
-    "fold_nnx",
-    "from_torch",
-    "frozen_batch_norm",
-    "init_state",
-    "momentum_from_torch",
-    "momentum_to_torch",
-    "population_stats",
-    "to_torch",
-]
-
-if TYPE_CHECKING:
-    from jaxbn._batch_norm import (
-        batch_norm,
-        batch_norm_act,
-        batch_norm_bwd,
-        batch_norm_fwd,
-        frozen_batch_norm,
-    )
-    from jaxbn._core import BatchNormResiduals
-    from jaxbn._fold import fold_batch_norm, fold_linen, fold_nnx
-    from jaxbn._population import population_stats
-    from jaxbn._state import BatchNormState, init_state
-    from jaxbn._torch import (
-        flax_variables_from_torch,
-        flax_variables_to_torch,
-        from_torch,
-        momentum_from_torch,
-        momentum_to_torch,
-        to_torch,
-    )
-    from jaxbn._warmup_renorm import batch_renorm
+if TYPE_CHECKING:  # "import x as x": an explicit re-export
+    from jaxbn._batch_norm import batch_norm as batch_norm
+    from jaxbn._batch_norm import batch_norm_act as batch_norm_act
+    from jaxbn._batch_norm import batch_norm_bwd as batch_norm_bwd
+    from jaxbn._batch_norm import batch_norm_fwd as batch_norm_fwd
+    from jaxbn._batch_norm import frozen_batch_norm as frozen_batch_norm
+    from jaxbn._core import BatchNormResiduals as BatchNormResiduals
+    from jaxbn._fold import fold_batch_norm as fold_batch_norm
+    from jaxbn._fold import fold_linen as fold_linen
+    from jaxbn._fold import fold_nnx as fold_nnx
+    from jaxbn._population import population_stats as population_stats
+    from jaxbn._state import BatchNormState as BatchNormState
+    from jaxbn._state import init_state as init_state
+    from jaxbn._torch import flax_variables_from_torch as flax_variables_from_torch
+    from jaxbn._torch import flax_variables_to_torch as flax_variables_to_torch
+    from jaxbn._torch import from_torch as from_torch
+    from jaxbn._torch import momentum_from_torch as momentum_from_torch
+    from jaxbn._torch import momentum_to_torch as momentum_to_torch
+    from jaxbn._torch import to_torch as to_torch
+    from jaxbn._warmup_renorm import batch_renorm as batch_renorm
 else:
     import sys
 

@@ -1,4 +1,5 @@
-"""The jax APIs whose spelling changed between jaxbn's oldest supported jax and the newest.
+"""How jaxbn lives with jax: its dtype-promotion setting, manual-axis types, and the APIs
+whose spelling changed between jaxbn's oldest supported jax and the newest.
 
 jaxbn supports jax 0.8.1 and newer (pyproject.toml; flax 0.12.1, the floor of the flax
 extra, needs it, and jaxbn alone runs on 0.8.0 too). ``.ci/run`` tests the floors and

@@ -86,7 +86,7 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
             axis_name,
             axis_index_groups,
         )
-        return _stats.combine(sums, s, n, _stats._size(x, feature_axes))[:3]
+        return _stats.combine(sums, s, n, _stats.reduced_size(x, feature_axes))[:3]
 
     # n stays out of the cond's outputs: its type is the clean form's (jaxbn._platform)
     return Moments(*cond(fast, fast_moments, shifted_moments, x, m, mean, var, n), n)

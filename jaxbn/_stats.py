@@ -273,7 +273,7 @@ def stat_operands(x, m, s, feature_axes):
     before they are summed keep every partial sum within the total's range.
     """
     dt = compute_dtype(x.dtype)
-    size = jnp.maximum(jnp.asarray(_size(x, feature_axes), real_dtype(dt)), 1)
+    size = jnp.maximum(jnp.asarray(reduced_size(x, feature_axes), real_dtype(dt)), 1)
     se = expand(s, x.ndim, feature_axes)
     h = x.astype(dt) * 0.5 - se * 0.5
     if m is not None:
@@ -281,7 +281,7 @@ def stat_operands(x, m, s, feature_axes):
     return h * (1 / size), abs2(h * (2 / jnp.sqrt(size)))
 
 
-def _size(x, feature_axes):
+def reduced_size(x, feature_axes):
     return math.prod(x.shape[a] for a in reduced_axes(x.ndim, feature_axes))
 
 
@@ -339,7 +339,7 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None, split=Fa
     sums = variadic_sum(stat_operands(x, m, s, feature_axes), red, split)
     sums = psum(tuple(jnp.reshape(t, s.shape) for t in sums), axis_name, axis_index_groups)
     n = count_of(x, m, feature_axes, axis_name, axis_index_groups)
-    return combine(sums, s, n, _size(x, feature_axes))
+    return combine(sums, s, n, reduced_size(x, feature_axes))
 
 
 def moments_tangent(x, m, feature_axes, axis_name, axis_index_groups, mo: Moments, dx):

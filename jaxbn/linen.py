@@ -142,8 +142,7 @@ class BatchNorm(nn.BatchNorm):
         whose backward does not write ``dL/dy`` (but on CPU, keeping ``x``). The
         variables are the same, so a checkpoint of ``BatchNorm`` followed by
         ``nn.relu`` loads into
-        ``BatchNorm(activation="relu")`` (same auto-name too). Not with
-        ``renorm`` or ``virtual_batch_size``.
+        ``BatchNorm(activation="relu")`` (same auto-name too).
       negative_slope: leaky_relu's slope for negative inputs (> 0; default 0.01,
         ``nn.leaky_relu``'s).
       inplace: with ``activation="leaky_relu"`` or ``"identity"``, keep only the
