@@ -28,7 +28,9 @@ _FORWARD_MODE_HINT = (
 )
 
 
-def _spec_and_inputs(x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask, **act):
+def _spec_and_inputs(
+    x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask, **act
+) -> tuple[Spec, jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
     """The checked ``(spec, x, gamma, beta, mask)``; ``act``: the rule's activation fields."""
     x = _checks.check_x(x)
     axes = _checks.normalize_axes(axis, x.ndim)

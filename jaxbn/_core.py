@@ -116,8 +116,8 @@ class BatchNormResiduals(NamedTuple):
     """
 
     x: jax.Array  # input, any shape, its own dtype (keep "z": the output z).
-    shift: jax.Array  # feature shape: see jaxbn._stats (keep "z": None).
-    delta: jax.Array  # feature shape: mean - shift (keep "z": None).
+    shift: jax.Array  # feature shape: see jaxbn._stats.
+    delta: jax.Array  # feature shape: mean - shift.
     rstd: jax.Array  # feature shape: (var + eps) ** -0.5.
     gamma: jax.Array | None  # feature shape, or None without scale.
     mask: jax.Array | None  # boolean, broadcastable to x, or None.
@@ -142,7 +142,7 @@ class Spec(NamedTuple):
     eps: float
     axis_name: Any = None
     groups: tuple[tuple[int, ...], ...] | None = None
-    activation: str = "identity"  # one of ACTIVATIONS.
+    activation: str = "identity"  # or "relu", "leaky_relu".
     slope: float = 0.0  # leaky_relu's slope for p < 0.
     keep: str = "x"  # the backward's x-sized residual: "x", or "z" (inplace).
     residual: bool = False  # whether r is given (and gets a gradient).
@@ -172,6 +172,7 @@ def affine(x, shift, delta, rstd, gamma, beta, axes):
 
 
 def activate(activation: str, slope: float, p):
+    """``act(p)``, as ``jax.nn`` computes it."""
     if activation == "relu":
         return jax.nn.relu(p)
     if activation == "leaky_relu":
@@ -241,14 +242,13 @@ def forward(spec: Spec, x, gamma, beta, residual=None, mask=None, renorm=None, f
     r = d = None
     if renorm is not None:
         r, d = _renorm_rd(mo.mean, rstd, renorm, spec.eps)
-    y = affine(
-        x, mo.shift, mo.delta, rstd, *_scale_offset(gamma, beta, r, d, rstd.dtype), spec.axes
-    )
+    scale, offset = _scale_offset(gamma, beta, r, d, rstd.dtype)
+    y = affine(x, mo.shift, mo.delta, rstd, scale, offset, spec.axes)
     p = y if residual is None else y + residual
     z = activate(spec.activation, spec.slope, p)
     res = BatchNormResiduals(x, mo.shift, mo.delta, rstd, gamma, mask, mo.count, r, d)
-    if spec.keep == "z":  # u comes from z (and r): x, shift and delta are not needed
-        saved = Saved(res._replace(x=z, shift=None, delta=None), beta, None, residual)
+    if spec.keep == "z":  # u comes from z (and r): x is not needed
+        saved = Saved(res._replace(x=z), beta, None, residual)
     else:
         sign = None
         if residual is not None and spec.activation != "identity":
@@ -279,6 +279,7 @@ def _g_u(spec: Spec, dz, saved: Saved):
         u = bf - e(res.shift)
     g = dz.astype(dt)
     if spec.activation != "identity":
+        assert sign is not None
         g = jnp.where(sign, g, 0 if spec.activation == "relu" else spec.slope * g)
     return g, u
 
@@ -292,7 +293,7 @@ def coefficients(a, rstd, S1, S2, dmean, dvar, n):
     return k0, k1
 
 
-def _xc_per_u(spec: Spec, saved: Saved):
+def _xc_per_u(saved: Saved):
     """Keeping z, ``xc = c * u`` (``u = scale * rstd * xc``); 0 where ``|scale| <= sqrt(tiny)``."""
     res, dt = saved.res, saved.res.rstd.dtype
     scale = _scale_offset(res.gamma, saved.beta, res.r, res.d, dt)[0]
@@ -329,7 +330,7 @@ def _sums(spec: Spec, dz, saved: Saved, *, cpu, fused=True, split=False):
     s1, s2 = variadic_sum(ops, red, split) if fused else (jnp.sum(o, red) for o in ops)
     s1, s2 = jnp.reshape(s1, res.rstd.shape), jnp.reshape(s2, res.rstd.shape)
     if spec.keep == "z":
-        return s1, s2 * _xc_per_u(spec, saved)
+        return s1, s2 * _xc_per_u(saved)
     return s1, s2 - res.delta * s1  # u = x - shift = xc + delta
 
 
@@ -362,7 +363,7 @@ def backward(spec: Spec, saved: Saved, cotangents):
     S1, S2 = psum((s1, s2), spec.axis_name, spec.groups)
     k0, k1 = coefficients(a, rstd, S1, S2, dmean, dvar, res.count)
     if spec.keep == "z":  # xc = c * u
-        k0, k1 = k0, k1 * _xc_per_u(spec, saved)
+        k0, k1 = k0, k1 * _xc_per_u(saved)
     else:  # xc = u - delta
         k0, k1 = k0 - k1 * res.delta, k1
     dx, dr = _dx_pp(spec, dz, saved, a, k0, k1)

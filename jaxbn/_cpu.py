@@ -89,7 +89,8 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
         return _stats.combine(sums, s, n, _stats.reduced_size(x, feature_axes))[:3]
 
     # n stays out of the cond's outputs: its type is the clean form's (jaxbn._platform)
-    return Moments(*cond(fast, fast_moments, shifted_moments, x, m, mean, var, n), n)
+    shift, delta, var = cond(fast, fast_moments, shifted_moments, x, m, mean, var, n)
+    return Moments(shift, delta, var, n)
 
 
 def sum_dy_xc(dy, x, shift, delta, rstd, s_dy, feature_axes):
