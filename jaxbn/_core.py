@@ -304,26 +304,13 @@ def _xc_per_u(saved: Saved):
     return jnp.where(small, 0, 1 / jnp.where(small, 1, scale.astype(dt))) * c
 
 
-def _g_cpu(spec: Spec, dz, saved: Saved):
-    """XLA:CPU's ``g``, written once and read by plain sums (see :func:`_sums`)."""
-    g = dz if spec.activation == "identity" else _g_u(spec, dz, saved)[0]
-    return g if spec.activation == "leaky_relu" else g.astype(dz.dtype)
-
-
-def _sums(spec: Spec, dz, saved: Saved, *, cpu, fused=True, split=False):
+def _sums(spec: Spec, dz, saved: Saved, *, fused=True, split=False):
     """This device's ``(S1, S2) = (sum(g), sum(g * xc))``, in one reduce (``fused``).
 
-    ``cpu``: XLA:CPU's form (``jaxbn._cpu``) when keeping ``x``: XLA:CPU runs a
-    reduction with a mask or a broadcast inside 2-3x slower than a plain sum, so there
-    ``g`` is written once (exactly, in dz's dtype, but for leaky_relu; ``batch_norm``'s
-    is ``dz`` itself). ``fused=False``: separate sums (autodiff cannot transpose a
-    variadic reduce). ``split``: XLA:GPU's two-step column sums
-    (``jaxbn._stats.variadic_sum``).
+    ``fused=False``: separate sums (autodiff cannot transpose a variadic reduce).
+    ``split``: XLA:GPU's two-step column sums (``jaxbn._stats.variadic_sum``).
     """
     res = saved.res
-    if cpu and spec.keep == "x":
-        g = _g_cpu(spec, dz, saved)
-        return _cpu.backward_sums(g, res.x, res.shift, res.delta, res.rstd, spec.axes)
     g, u = _g_u(spec, dz, saved)
     red = reduced_axes(u.ndim, spec.axes)
     ops = (g, g * u)
@@ -334,22 +321,47 @@ def _sums(spec: Spec, dz, saved: Saved, *, cpu, fused=True, split=False):
     return s1, s2 - res.delta * s1  # u = x - shift = xc + delta
 
 
-def _dx(spec: Spec, dz, saved: Saved, a, k0, k1, *, cpu, split=False):
+def _dx(spec: Spec, dz, saved: Saved, a, k0, k1):
     """``dx = a * g + m * (k0 + k1 * u)`` and ``dr = g``, in one pass."""
-    res = saved.res
-    if cpu and spec.keep == "x":
-        g = _g_cpu(spec, dz, saved)
-        return _cpu.dx(g, res.x, res.shift, a, k0, k1, res.mask, spec.axes), g.astype(dz.dtype)
     g, u = _g_u(spec, dz, saved)
     e = functools.partial(expand, ndim=u.ndim, feature_axes=spec.axes)
     stat = e(k0) + u * e(k1)
-    if res.mask is not None:
-        stat = jnp.where(res.mask, stat, 0)
+    if saved.res.mask is not None:
+        stat = jnp.where(saved.res.mask, stat, 0)
     return (e(a) * g + stat).astype(dz.dtype), g.astype(dz.dtype)
 
 
-_sums_pp = differentiable_per_platform(_sums, split=True, fused=False)
-_dx_pp = differentiable_per_platform(_dx)
+# XLA:CPU, keeping x, writes g once and reads it with jaxbn._cpu's plain sums and dx pass
+# (it runs a reduction with a mask or a broadcast inside 2-3x slower than a plain sum);
+# keeping z it runs the clean forms (a memory option: written out, g and u exceed x).
+def _g_cpu(spec: Spec, dz, saved: Saved):
+    """``g``, exactly in dz's dtype (but for leaky_relu); ``batch_norm``'s is ``dz`` itself."""
+    g = dz if spec.activation == "identity" else _g_u(spec, dz, saved)[0]
+    return g if spec.activation == "leaky_relu" else g.astype(dz.dtype)
+
+
+def _sums_cpu(spec: Spec, dz, saved: Saved):
+    if spec.keep == "z":
+        return _sums(spec, dz, saved)
+    res = saved.res
+    g = _g_cpu(spec, dz, saved)
+    return _cpu.backward_sums(g, res.x, res.shift, res.delta, res.rstd, spec.axes)
+
+
+def _dx_cpu(spec: Spec, dz, saved: Saved, a, k0, k1):
+    if spec.keep == "z":
+        return _dx(spec, dz, saved, a, k0, k1)
+    res, g = saved.res, _g_cpu(spec, dz, saved)
+    return _cpu.dx(g, res.x, res.shift, a, k0, k1, res.mask, spec.axes), g.astype(dz.dtype)
+
+
+_sums_pp = differentiable_per_platform(
+    _sums_cpu,
+    _sums,
+    gpu=functools.partial(_sums, split=True),
+    tangent=functools.partial(_sums, fused=False),
+)
+_dx_pp = differentiable_per_platform(_dx_cpu, _dx)
 
 
 def backward(spec: Spec, saved: Saved, cotangents):

@@ -61,24 +61,23 @@ def per_platform(cpu: Callable, clean: Callable, *args, gpu: Callable | None = N
     return lax.platform_dependent(*args, **forms)
 
 
-def differentiable_per_platform(fn, *, split=False, **reference_kwargs):
-    """``fn(spec, *args, cpu=...)`` per platform, with the clean form's jvp as tangent.
+def differentiable_per_platform(cpu, clean, *, gpu=None, tangent=None):
+    """``fn(spec, *args)`` in the form of the platform (:func:`per_platform`), differentiable.
 
-    ``split``: GPUs get ``fn(..., cpu=False, split=True)`` (XLA:GPU's two-step column
-    sums, ``jaxbn._stats.variadic_sum``). ``reference_kwargs`` go to the clean form used
-    for the tangent (e.g. ``fused=False``: autodiff cannot transpose a variadic reduce).
+    Its tangent is JAX's jvp of ``tangent(spec, *args)`` (default ``clean``), e.g. the
+    clean form with separate sums: autodiff cannot transpose a variadic reduce.
     """
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
     def wrapped(spec, *args):
-        cpu = functools.partial(fn, spec, cpu=True)
-        gpu = functools.partial(fn, spec, cpu=False, split=True) if split else None
-        return per_platform(cpu, functools.partial(fn, spec, cpu=False), *args, gpu=gpu)
+        gpu_form = None if gpu is None else functools.partial(gpu, spec)
+        forms = functools.partial(cpu, spec), functools.partial(clean, spec)
+        return per_platform(*forms, *args, gpu=gpu_form)
 
     @wrapped.defjvp
     @standard_promotion
     def wrapped_jvp(spec, primals, tangents):
-        reference = functools.partial(fn, spec, cpu=False, **reference_kwargs)
+        reference = functools.partial(tangent or clean, spec)
         return wrapped(spec, *primals), jax.jvp(reference, primals, tangents)[1]
 
     return wrapped
