@@ -1,16 +1,16 @@
-"""Strict mode for every test (rank promotion raises), 8 simulated CPU devices, and
-the settings that keep the suite's compile time down."""
+"""Strict mode for every test (rank promotion raises), 8 simulated CPU devices, the
+settings that keep the suite's compile time down, and the one switch between the
+programs each platform gets (``program``, ``clean_program``)."""
 
 import os
 import shutil
 import tempfile
 
-# XLA's LLVM optimization level 0: the tests' arrays are small, so a fifth less compile
-# time outweighs slower kernels (the HLO passes, and so every result, are the same).
-# The notebooks run without these flags (tests/test_notebooks.py).
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-)
+# XLA's LLVM optimization level 0 (here and in the subprocesses tests start): the
+# tests' arrays are small, so a fifth less compile time outweighs slower kernels (the
+# HLO passes, and so every result, are the same). The notebooks run without it
+# (tests/test_notebooks.py).
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 # Most of the suite's time is XLA compiling, and many programs compile more than once:
 # in another test's closure, in the other xdist worker, in a subprocess (bench, demo,
@@ -30,7 +30,7 @@ else:  # an xdist worker (or the user's own cache)
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_num_cpu_devices", 8)  # 8 simulated CPU devices, in this process
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # scripts, run by hand or by a test, never imported by pytest (the golden one needs torch)
@@ -46,12 +46,19 @@ import contextlib  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture(params=["cpu", "clean"])
-def program(request):
-    """Runs a test with XLA:CPU's program and with the clean one every other platform gets."""
+@pytest.fixture(scope="session")
+def clean_program():
+    """A context manager: inside it, XLA:CPU runs the clean program (the one every other
+    platform gets) instead of its own. The one private name the tests need for it."""
     from jaxbn._platform import use_clean_program
 
-    with use_clean_program() if request.param == "clean" else contextlib.nullcontext():
+    return use_clean_program
+
+
+@pytest.fixture(params=["cpu", "clean"])
+def program(request, clean_program):
+    """Runs a test with XLA:CPU's program and with the clean one every other platform gets."""
+    with clean_program() if request.param == "clean" else contextlib.nullcontext():
         yield request.param
 
 
