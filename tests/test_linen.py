@@ -721,7 +721,7 @@ def test_linen_remat_updates_batch_stats_once():
 
     def run(cls):
         model = cls()
-        variables = model.init(jax.random.key(0), X)
+        variables = jax.jit(model.init)(jax.random.key(0), X)
 
         def loss(params):
             y, upd = model.apply(
