@@ -62,16 +62,17 @@ def program(request, clean_program):
         yield request.param
 
 
-# The notebooks, slowest first: with pytest-xdist each runs on its own worker, first.
+# The notebooks, slowest first: the longest file starts first, so it does not end last.
 NOTEBOOKS_SLOWEST_FIRST = ("02_", "03_", "01_", "04_", "05_")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Schedules for two xdist workers (pyproject: ``--dist loadgroup``).
+    """Orders the tests for two xdist workers (pyproject: ``--dist loadfile``).
 
-    Each test file is one group, run on one worker (its compiled programs are shared
-    by its tests), but for the notebooks: each is its own group, and they go first,
-    slowest first, so that the longest jobs do not start last.
+    Each test file runs on one worker, so its tests share its compiled programs and
+    its fixtures (``--dist loadgroup`` with a group per file did not: xdist 3.8 tags a
+    test's group onto ``item._nodeid``, which pytest 9.2's ``nodeid`` no longer reads,
+    so every test was scheduled on its own). The notebooks go first, slowest first.
     """
 
     def notebook_rank(item):
@@ -79,10 +80,6 @@ def pytest_collection_modifyitems(config, items):
             return len(NOTEBOOKS_SLOWEST_FIRST)
         return next(i for i, p in enumerate(NOTEBOOKS_SLOWEST_FIRST) if p in item.nodeid)
 
-    for item in items:
-        rank = notebook_rank(item)
-        group = item.nodeid if rank < len(NOTEBOOKS_SLOWEST_FIRST) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=notebook_rank)  # stable: the rest keep their order
 
 
