@@ -1,16 +1,16 @@
-"""Strict mode for every test (rank promotion raises), 8 simulated CPU devices, and
-the settings that keep the suite's compile time down."""
+"""Strict mode for every test (rank promotion raises), 8 simulated CPU devices, the
+settings that keep the suite's compile time down, and the one switch between the
+programs each platform gets (``program``, ``clean_program``)."""
 
 import os
 import shutil
 import tempfile
 
-# XLA's LLVM optimization level 0: the tests' arrays are small, so a fifth less compile
-# time outweighs slower kernels (the HLO passes, and so every result, are the same).
-# The notebooks run without these flags (tests/test_notebooks.py).
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-)
+# XLA's LLVM optimization level 0 (here and in the subprocesses tests start): the
+# tests' arrays are small, so a fifth less compile time outweighs slower kernels (the
+# HLO passes, and so every result, are the same). The notebooks run without it
+# (tests/test_notebooks.py).
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 # Most of the suite's time is XLA compiling, and many programs compile more than once:
 # in another test's closure, in the other xdist worker, in a subprocess (bench, demo,
@@ -30,7 +30,7 @@ else:  # an xdist worker (or the user's own cache)
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_num_cpu_devices", 8)  # 8 simulated CPU devices, in this process
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # scripts, run by hand or by a test, never imported by pytest (the golden one needs torch)
@@ -46,25 +46,33 @@ import contextlib  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture(params=["cpu", "clean"])
-def program(request):
-    """Runs a test with XLA:CPU's program and with the clean one every other platform gets."""
+@pytest.fixture(scope="session")
+def clean_program():
+    """A context manager: inside it, XLA:CPU runs the clean program (the one every other
+    platform gets) instead of its own. The one private name the tests need for it."""
     from jaxbn._platform import use_clean_program
 
-    with use_clean_program() if request.param == "clean" else contextlib.nullcontext():
+    return use_clean_program
+
+
+@pytest.fixture(params=["cpu", "clean"])
+def program(request, clean_program):
+    """Runs a test with XLA:CPU's program and with the clean one every other platform gets."""
+    with clean_program() if request.param == "clean" else contextlib.nullcontext():
         yield request.param
 
 
-# The notebooks, slowest first: with pytest-xdist each runs on its own worker, first.
+# The notebooks, slowest first: the longest file starts first, so it does not end last.
 NOTEBOOKS_SLOWEST_FIRST = ("02_", "03_", "01_", "04_", "05_")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Schedules for two xdist workers (pyproject: ``--dist loadgroup``).
+    """Orders the tests for two xdist workers (pyproject: ``--dist loadfile``).
 
-    Each test file is one group, run on one worker (its compiled programs are shared
-    by its tests), but for the notebooks: each is its own group, and they go first,
-    slowest first, so that the longest jobs do not start last.
+    Each test file runs on one worker, so its tests share its compiled programs and
+    its fixtures (``--dist loadgroup`` with a group per file did not: xdist 3.8 tags a
+    test's group onto ``item._nodeid``, which pytest 9.2's ``nodeid`` no longer reads,
+    so every test was scheduled on its own). The notebooks go first, slowest first.
     """
 
     def notebook_rank(item):
@@ -72,10 +80,6 @@ def pytest_collection_modifyitems(config, items):
             return len(NOTEBOOKS_SLOWEST_FIRST)
         return next(i for i, p in enumerate(NOTEBOOKS_SLOWEST_FIRST) if p in item.nodeid)
 
-    for item in items:
-        rank = notebook_rank(item)
-        group = item.nodeid if rank < len(NOTEBOOKS_SLOWEST_FIRST) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=notebook_rank)  # stable: the rest keep their order
 
 

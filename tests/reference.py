@@ -1,4 +1,6 @@
-"""Oracles that share no code with jaxbn: plain-jnp batch norm and NumPy float64 statistics."""
+"""Oracles that share no code with jaxbn (plain-jnp batch norm for ``jax.vjp``, float64
+NumPy statistics and forward, ``rel_err``), and the suite's seeded test data
+(``randn``, ``affine``, ``problem``)."""
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +64,39 @@ def vjp_jit(f, primals, cotangents):
         return out, pullback(cotangents)
 
     return jax.jit(run)(primals, cotangents)
+
+
+def np_batch_norm(x, gamma=None, beta=None, axis=-1, eps=1e-5, mask=None):
+    """Float64 NumPy batch norm: ``(y, mean, var)`` with the biased batch variance."""
+    x = np.asarray(x, np.float64)
+    red = reduce_axes(x.ndim, axis)
+    mean, var = np_stats(x, axis, mask)
+    keep = lambda v: np.expand_dims(np.asarray(v, np.float64), red)  # noqa: E731
+    y = (x - keep(mean)) / np.sqrt(keep(var) + eps)
+    if gamma is not None:
+        y = y * keep(gamma)
+    if beta is not None:
+        y = y + keep(beta)
+    return y, mean, var
+
+
+def randn(shape, *, seed=0, scale=1.0, offset=0.0, dtype=np.float32):
+    """Seeded test data: ``offset + scale * N(0, 1)`` of ``shape``, as a jnp array."""
+    return jnp.asarray(np.random.RandomState(seed).randn(*shape) * scale + offset, dtype)
+
+
+def affine(features, *, seed=0, dtype=np.float32):
+    """Seeded ``(gamma, beta)`` of shape ``features``: gamma in [0.5, 1.5), beta N(0, 1)."""
+    rs = np.random.RandomState(seed)
+    shape = (features,) if isinstance(features, int) else tuple(features)
+    return jnp.asarray(rs.rand(*shape) + 0.5, dtype), jnp.asarray(rs.randn(*shape), dtype)
+
+
+def problem(shape, axis=-1, *, seed=0, dtype=np.float32, scale=2.0, offset=1.0):
+    """Seeded ``(x, gamma, beta, cotangent)`` for a batch norm over ``axis``: ``x`` is
+    ``offset + scale * N(0, 1)``, the cotangent ``N(0, 1)`` of x's shape."""
+    red = reduce_axes(len(shape), axis)
+    features = tuple(s for i, s in enumerate(shape) if i not in red)
+    x = randn(shape, seed=seed, scale=scale, offset=offset, dtype=dtype)
+    gamma, beta = affine(features, seed=seed + 1, dtype=dtype)
+    return x, gamma, beta, randn(shape, seed=seed + 2, dtype=dtype)

@@ -3,7 +3,7 @@
 Each takes the class (sbx's, or ``jaxbn.linen.BatchRenorm``) and the inputs, and
 returns a dict of arrays. ``tests/golden/make_sbx_golden.py`` runs them with sbx-rl
 0.28.0's class and stores inputs and results in ``tests/golden/sbx_batchrenorm.npz``;
-``tests/test_renorm_modules.py`` runs them with jaxbn's and compares.
+``tests/test_renorm.py`` runs them with jaxbn's and compares.
 """
 
 import jax

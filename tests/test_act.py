@@ -1,18 +1,26 @@
-"""batch_norm_act against jax.vjp of the plain composition act(bn_ref(x) + r)."""
+"""jaxbn.batch_norm_act against jax.vjp of the plain composition act(bn_ref(x) + r), and
+activation= on jaxbn.linen.BatchNorm and jaxbn.nnx.BatchNorm against Flax's own
+BatchNorm (use_fast_variance=False) followed by the activation, with the same
+variables: outputs, running statistics and gradients of a random cotangent must agree,
+and a Flax checkpoint must load unchanged."""
 
 import contextlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from hlo import assert_clean, lowered, x_reductions
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
-from reference import bn_ref, rel_err, vjp_jit
-from test_programs import assert_clean, lowered, x_reductions
+from reference import bn_ref, problem, randn, rel_err, vjp_jit
 
 import jaxbn
+import jaxbn.linen
+import jaxbn.nnx
 from jaxbn.cli.bench import program as compiled_program
 from jaxbn.cli.bench import residual_bytes
 
@@ -31,11 +39,9 @@ TOL = {jnp.float64: 1e-10, jnp.float32: 1e-5}
 
 def make(layout, dtype, seed=0):
     shape, axis, masked = LAYOUTS[layout]
-    rs = np.random.RandomState(seed)
-    c = shape[axis]
-    arr = lambda *s, k=1.0, o=0.0: jnp.asarray(rs.randn(*s) * k + o, dtype)  # noqa: E731
-    x, r, dz = arr(*shape, k=3, o=2), arr(*shape), arr(*shape)
-    gamma, beta = jnp.asarray(rs.rand(c) + 0.5, dtype), arr(c)
+    x, gamma, beta, dz = problem(shape, axis, seed=seed, dtype=dtype, scale=3.0, offset=2.0)
+    r = randn(shape, seed=seed + 3, dtype=dtype)
+    rs = np.random.RandomState(seed + 4)
     mask = None
     if masked:  # every feature keeps values
         m = rs.rand(*shape) > 0.4
@@ -81,11 +87,9 @@ def composed(act, axis, mask, state):
         ("leaky_relu", True, "nchw_masked", "keep x"),  # x and the sign of p, not z and r
     ],
 )
-def test_gradients_equal_the_composition(act, with_residual, layout, clean):
-    from jaxbn._platform import use_clean_program
-
+def test_gradients_equal_the_composition(act, with_residual, layout, clean, clean_program):
     kw = dict(inplace=False) if clean == "keep x" else {}
-    with use_clean_program() if clean is True else contextlib.nullcontext():
+    with clean_program() if clean is True else contextlib.nullcontext():
         for dtype in (jnp.float64, jnp.float32):
             with jax.enable_x64(True):
                 _check_gradients(act, with_residual, layout, dtype, **kw)
@@ -107,8 +111,11 @@ def _check_gradients(act, with_residual, layout, dtype, **kw):
             assert rel_err(a, b) < TOL[dtype], (layout, dtype, name)
 
 
-@pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("act", list(ACTS))
+# each activation, and each of relu's residual choices (x and the sign; x alone)
+@pytest.mark.parametrize(
+    "act,with_residual",
+    [("relu", False), ("relu", True), ("leaky_relu", False), ("identity", True)],
+)
 def test_second_order_reverse(act, with_residual):
     with jax.enable_x64(True):
         x, gamma, beta, r, _, _, axis = make("nc", jnp.float64, seed=3)
@@ -251,20 +258,6 @@ def test_eval_forward_mode_and_dtype():
     assert zb.dtype == jnp.bfloat16 and stb.mean.dtype == jnp.float32
 
 
-@pytest.mark.parametrize(
-    "kw, match",
-    [
-        ({"activation": "gelu"}, "activation must be one of"),
-        ({"activation": "leaky_relu", "negative_slope": 0.0}, "must be a finite number > 0"),
-        ({"residual": jnp.zeros((16, 5))}, "residual has shape"),
-    ],
-)
-def test_errors(kw, match):
-    x, gamma, beta, _, _, _, _ = make("nc", jnp.float32)
-    with pytest.raises((TypeError, ValueError), match=match):
-        jaxbn.batch_norm_act(x, gamma, beta, jaxbn.init_state(6), training=True, **kw)
-
-
 def test_by_default_x_is_kept_and_a_zero_gamma_gets_its_gradient():
     with jax.enable_x64(True):
         x, gamma, beta, _, dz, _, axis = make("nc", jnp.float64)
@@ -279,17 +272,147 @@ def test_by_default_x_is_kept_and_a_zero_gamma_gets_its_gradient():
         assert got[1][0] != 0
 
 
-ST3 = jaxbn.init_state(3)
+# --- activation= on the Flax modules -----------------------------------------------------
+
+MODULE_ACTS = {
+    "relu": nn.relu,
+    "leaky_relu": lambda p: nn.leaky_relu(p, 0.2),
+    "identity": lambda p: p,
+}
+CASES = [("relu", False), ("leaky_relu", False), ("identity", True), ("relu", True)]
 
 
-@pytest.mark.parametrize("act, residual", [("relu", False), ("relu", True)])
-def test_inplace_needs_an_invertible_activation(act, residual):
-    x = jnp.ones((4, 3))
-    r = jnp.ones((4, 3)) if residual else None
-    with pytest.raises(ValueError, match="inplace=True recovers the input from the output"):
-        jaxbn.batch_norm_act(
-            x, None, None, ST3, training=True, activation=act, residual=r, inplace=True
+def _data(seed=0, shape=(16, 4, 4, 3)):
+    x, _, _, ct = problem(shape, seed=seed, scale=3.0, offset=2.0)
+    return x, randn(shape, seed=seed + 3), ct
+
+
+class _FlaxBlock(nn.Module):
+    act: str
+
+    @nn.compact
+    def __call__(self, x, residual, train: bool):
+        y = nn.BatchNorm(use_running_average=not train, use_fast_variance=False)(x)
+        return MODULE_ACTS[self.act](y if residual is None else y + residual)
+
+
+class _JaxbnBlock(nn.Module):
+    act: str
+
+    @nn.compact
+    def __call__(self, x, residual, train: bool):
+        bn = jaxbn.linen.BatchNorm(
+            use_running_average=not train, activation=self.act, negative_slope=0.2
         )
+        return bn(x, residual=residual)
+
+
+def _apply(model, variables, x, r, train):
+    if train:
+        return model.apply(variables, x, r, True, mutable=["batch_stats"])
+    return model.apply(variables, x, r, False), {}
+
+
+@pytest.mark.parametrize(
+    "act,with_residual,train", [(a, r, True) for a, r in CASES] + [("relu", True, False)]
+)
+def test_linen_matches_flax_batchnorm_then_activation(act, with_residual, train):
+    x, r, ct = _data()
+    r = r if with_residual else None
+    ours, theirs = _JaxbnBlock(act), _FlaxBlock(act)
+    variables = theirs.init(jax.random.key(1), x, r, False)
+    variables = jax.tree.map(
+        lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape), variables
+    )
+    # same auto-named variables: Flax's checkpoint is ours unchanged
+    assert jax.tree.structure(ours.init(jax.random.key(1), x, r, False)) == jax.tree.structure(
+        variables
+    )
+
+    def forward_and_grads(model):
+        @jax.jit
+        def run(params, x, r):
+            fn = lambda p, x_, r_: _apply(model, {**variables, "params": p}, x_, r_, train)  # noqa: E731
+            (z, upd), pullback = jax.vjp(fn, params, x, r)
+            zeros = jax.tree.map(jnp.zeros_like, upd)
+            return z, upd, pullback((ct, zeros))
+
+        return run(variables["params"], x, r)
+
+    z1, upd1, g1 = forward_and_grads(ours)
+    z2, upd2, g2 = forward_and_grads(theirs)
+    np.testing.assert_allclose(z1, z2, atol=2e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(upd1), jax.tree.leaves(upd2)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert jax.tree.structure(g1) == jax.tree.structure(g2)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_linen_inplace_and_frozen_and_one_value():
+    x, _, ct = _data(shape=(32, 5))
+    flax_bn = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
+    variables = flax_bn.init(jax.random.key(0), x)
+    ref = lambda v, x_: nn.leaky_relu(flax_bn.apply(v, x_, mutable=["batch_stats"])[0], 0.2)  # noqa: E731
+    ours_bn = jaxbn.linen.BatchNorm(
+        use_running_average=False, activation="leaky_relu", negative_slope=0.2, inplace=True
+    )
+    ours = lambda v, x_: ours_bn.apply(v, x_, mutable=["batch_stats"])[0]  # noqa: E731
+    z1, g1 = vjp_jit(ours, (variables, x), ct)
+    z2, g2 = vjp_jit(ref, (variables, x), ct)
+    np.testing.assert_allclose(z1, z2, atol=2e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+    # frozen: the stored statistics, then the activation
+    stats = {"mean": jnp.arange(5.0), "var": jnp.linspace(0.5, 2.0, 5)}
+    v = {**variables, "batch_stats": stats}
+    frozen = jaxbn.linen.BatchNorm(True, frozen=True, activation="relu").apply(v, x)
+    expected = nn.relu(nn.BatchNorm(use_running_average=True).apply(v, x))
+    np.testing.assert_allclose(frozen, expected, atol=1e-5, rtol=1e-5)
+    # one example per feature (init with one example): Flax's rule, then the activation
+    one = x[:1]
+    z, upd = ours_bn.apply(variables, one, mutable=["batch_stats"])
+    zf, updf = flax_bn.apply(variables, one, mutable=["batch_stats"])
+    np.testing.assert_allclose(z, nn.leaky_relu(zf, 0.2), atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], updf["batch_stats"]["var"], atol=1e-6)
+
+
+@pytest.mark.parametrize("act,with_residual", [CASES[1], CASES[2]])
+def test_nnx_matches_flax_batchnorm_then_activation(act, with_residual):
+    x, r, ct = _data(seed=3)
+    r = r if with_residual else None
+    ours = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0), activation=act, negative_slope=0.2)
+    theirs = nnx.BatchNorm(3, rngs=nnx.Rngs(0), use_fast_variance=False)
+    assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(theirs))
+
+    def grads(module, call):
+        graphdef, state = nnx.split(module)
+
+        def f(state, x_, r_):
+            m = nnx.merge(graphdef, state)
+            return call(m, x_, r_), nnx.state(m, nnx.BatchStat)
+
+        @jax.jit
+        def run(state, x, r):
+            (z, stats), pullback = jax.vjp(f, state, x, r)
+            return z, stats, pullback((ct, jax.tree.map(jnp.zeros_like, stats)))
+
+        return run(state, x, r)
+
+    z1, s1, g1 = grads(ours, lambda m, x_, r_: m(x_, residual=r_))
+    z2, s2, g2 = grads(
+        theirs, lambda m, x_, r_: MODULE_ACTS[act](m(x_) if r_ is None else m(x_) + r_)
+    )
+    np.testing.assert_allclose(z1, z2, atol=2e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+    ours.eval()
+    theirs.eval()
+    np.testing.assert_allclose(
+        ours(x, residual=r), MODULE_ACTS[act](theirs(x) if r is None else theirs(x) + r), atol=2e-5
+    )
 
 
 @pytest.mark.parametrize("option", [dict(renorm=(1.5, 0.5)), dict(virtual_batch_size=4)])
@@ -304,8 +427,7 @@ def test_every_batch_norm_option_reaches_batch_norm_act(option, inplace):
     act = dict(activation="leaky_relu", negative_slope=SLOPE, inplace=inplace)
 
     def fused_op(x, g, b, r):
-        z, st = jaxbn.batch_norm_act(x, g, b, state, training=True, residual=r, **act, **option)
-        return z, st
+        return jaxbn.batch_norm_act(x, g, b, state, training=True, residual=r, **act, **option)
 
     def composition(x, g, b, r):
         y, st = jaxbn.batch_norm(x, g, b, state, training=True, **option)

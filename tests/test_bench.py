@@ -3,8 +3,10 @@
 Structure only: speed lives in the benchmark, never in a test.
 """
 
+import contextlib
 import copy
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -16,15 +18,23 @@ import jaxbn
 from jaxbn.cli import bench as _bench
 
 
-def test_quick_run_prints_the_table_and_writes_the_json(tmp_path, capsys):
-    path = tmp_path / "bench.json"
+@pytest.fixture(scope="session")  # not "module": xdist may run another file's tests between
+def quick_run(tmp_path_factory):
+    """One quick run on two tiny shapes: its printed table and its JSON result (a bench
+    run compiles every mode of every competitor; the tests below share one)."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
     argv = ["--quick", "--reps", "2", "--warmup", "1", "--shape", "32x8"]
     argv += ["--shape", "4x8x3x3:1", "--allocator", "current", "--json", str(path)]
-    assert _bench.main(argv) == 0
-    out = capsys.readouterr().out
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert _bench.main(argv) == 0
+    return out.getvalue(), json.loads(path.read_text())
+
+
+def test_quick_run_prints_the_table_and_writes_the_json(quick_run):
+    out, result = quick_run
     for text in ("jaxbn/flax", "xfloor", "floor: x*a+b", "residuals / x bytes", "allocator: "):
         assert text in out
-    result = json.loads(path.read_text())
     assert result["competitors"] == ["jaxbn", "flax", "flax_stable", "autodiff"]
     assert [r["shape"] for r in result["rows"]] == [[32, 8], [4, 8, 3, 3]]
     for row in result["rows"]:
@@ -105,8 +115,9 @@ def test_child_processes_get_every_option_but_allocator_and_json():
     assert _bench.child_argv(argv + ["--runs", "3"], _bench.RUN_OWN) == ["--quick", "--reps=3"]
 
 
-def test_median_of_runs_takes_each_cells_median_and_resummarizes():
-    one = _bench.run([((1024, 256), -1, "float32")], reps=2, warmup=1, log=lambda *a, **k: None)
+def test_median_of_runs_takes_each_cells_median_and_resummarizes(quick_run):
+    one = copy.deepcopy(quick_run[1])
+    one["rows"][0]["nbytes"] = 1 << 20  # a shape the summary holds to the targets
     runs = []
     for ratio in (0.5, 2.0, 0.9):
         r = copy.deepcopy(one)

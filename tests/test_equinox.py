@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import bn_ref, np_stats, rel_err
+from reference import bn_ref, np_stats, randn, rel_err
 
 eqx = pytest.importorskip("equinox")
 optax = pytest.importorskip("optax")
@@ -33,8 +33,7 @@ def run(layer, x, state, inference=None):
 
 
 def data(shape, seed=0, scale=2.0, shift=3.0):
-    rs = np.random.RandomState(seed)
-    return jnp.asarray(rs.randn(*shape) * scale + shift, jnp.float32)
+    return randn(shape, seed=seed, scale=scale, offset=shift)
 
 
 def with_affine(layer, seed=1):

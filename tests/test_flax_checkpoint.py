@@ -1,35 +1,19 @@
 """Checkpoints saved with orbax load both ways between Flax's BatchNorm and jaxbn's."""
 
-import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import rel_err
+from reference import randn, rel_err
 
 nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
 ocp = pytest.importorskip("orbax.checkpoint")
 
-import jaxbn.linen  # noqa: E402
-import jaxbn.nnx  # noqa: E402
+from flax_parity import LINEN, NNX  # noqa: E402
 
-LINEN = {
-    "jaxbn": jaxbn.linen.BatchNorm,
-    "flax": functools.partial(nn.BatchNorm, use_fast_variance=False),
-}
-NNX = {
-    "jaxbn": jaxbn.nnx.BatchNorm,
-    "flax": functools.partial(nnx.BatchNorm, use_fast_variance=False),
-}
 DIRECTIONS = [("flax", "jaxbn"), ("jaxbn", "flax")]
-
-
-def data(seed=0):
-    rs = np.random.RandomState(seed)
-    return [jnp.asarray(rs.randn(16, 5) * 2 + 1, jnp.float32) for _ in range(3)]
 
 
 def save_and_restore(path, tree, abstract):
@@ -57,7 +41,7 @@ class LinenNet(nn.Module):
 
 @pytest.mark.parametrize("saved,loaded", DIRECTIONS)
 def test_linen_checkpoint_loads_into_the_other_module(tmp_path, saved, loaded):
-    x1, x2, x_eval = data()
+    x1, x2, x_eval = (randn((16, 5), seed=i, scale=2.0, offset=1.0) for i in range(3))
     model = LinenNet(LINEN[saved])
     variables = model.init(jax.random.key(0), x1, train=False)
     for x in (x1, x2):  # statistics and parameters away from their initial values
@@ -86,7 +70,7 @@ class NNXNet(nnx.Module):
 
 @pytest.mark.parametrize("saved,loaded", DIRECTIONS)
 def test_nnx_checkpoint_loads_into_the_other_module(tmp_path, saved, loaded):
-    x1, x2, x_eval = data(1)
+    x1, x2, x_eval = (randn((16, 5), seed=i, scale=2.0, offset=1.0) for i in (3, 4, 5))
     model = NNXNet(NNX[saved], nnx.Rngs(0))
     for x in (x1, x2):
         model(x)

@@ -6,20 +6,12 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from reference import rel_err
+from reference import problem, rel_err
 
 import jaxbn
 
 ND = 8
 TOL = 1e-5
-
-
-def data(n=32, c=6, seed=0, spatial=False):
-    rs = np.random.RandomState(seed)
-    shape = (n, 3, 3, c) if spatial else (n, c)
-    x = jnp.asarray(rs.randn(*shape) * 2 + 1, jnp.float32)
-    w = jnp.asarray(rs.randn(*shape), jnp.float32)
-    return x, jnp.asarray(rs.rand(c) + 0.5, jnp.float32), jnp.asarray(rs.randn(c), jnp.float32), w
 
 
 @jax.jit  # one program per shape (and per program: use_clean_program is in jit's cache key)
@@ -50,10 +42,10 @@ def mesh():
     return jax.make_mesh((ND,), ("batch",), axis_types=(AxisType.Auto,))
 
 
-@pytest.mark.parametrize("spatial", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
+# the plain case and the masked spatial one: the split across devices depends on neither
+@pytest.mark.parametrize("spatial,masked", [(False, False), (True, True)])
 def test_shard_map_equals_one_device(spatial, masked, program):
-    x, gamma, beta, w = data(spatial=spatial)
+    x, gamma, beta, w = problem((32, 3, 3, 6) if spatial else (32, 6))
     mask = None
     if masked:
         # unequal counts per device: device 0 keeps one row of its four, device 1 all
@@ -95,7 +87,7 @@ def test_shard_map_equals_one_device(spatial, masked, program):
 
 
 def test_grad_inside_shard_map_sums_replicated_parameters():
-    x, gamma, beta, w = data()
+    x, gamma, beta, w = problem((32, 6))
     msh = mesh()
 
     def step(x, w, gamma, beta):
@@ -120,7 +112,7 @@ def test_grad_inside_shard_map_sums_replicated_parameters():
 
 
 def test_pmap_equals_one_device():
-    x, gamma, beta, w = data()
+    x, gamma, beta, w = problem((32, 6))
     split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
 
     def step(x, w, gamma, beta):
@@ -145,7 +137,7 @@ def test_pmap_equals_one_device():
 
 
 def test_pmap_axis_index_groups():
-    x, gamma, beta, _ = data()
+    x, gamma, beta, _ = problem((32, 6))
     split = x.reshape(ND, -1, 6)
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
     f = lambda x: jaxbn.batch_norm(  # noqa: E731
@@ -168,7 +160,7 @@ def test_pmap_axis_index_groups():
 
 def test_pmap_axis_index_groups_of_unequal_sizes_have_each_groups_statistics():
     # JAX's psum takes groups of unequal sizes under pmap (issue 23: jaxbn refused them)
-    x, gamma, beta, w = data(n=48)
+    x, gamma, beta, w = problem((48, 6))
     split = x.reshape(ND, -1, 6)
     groups = [[0, 1, 2], [3, 4, 5, 6, 7]]
 
@@ -203,7 +195,7 @@ def test_pmap_axis_index_groups_of_unequal_sizes_have_each_groups_statistics():
 
 
 def test_jit_with_batch_sharded_input_needs_no_axis_name():
-    x, gamma, beta, w = data(spatial=True)
+    x, gamma, beta, w = problem((32, 3, 3, 6))
     msh = mesh()
     put = lambda v: jax.device_put(v, NamedSharding(msh, P("batch")))  # noqa: E731
 
@@ -219,7 +211,7 @@ def test_jit_with_batch_sharded_input_needs_no_axis_name():
 
 
 def test_named_vmap_equals_one_batch_and_grad_inside_works(program):
-    x, gamma, beta, w = data()
+    x, gamma, beta, w = problem((32, 6))
     split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
 
     def per_member(x, w):
@@ -241,7 +233,7 @@ def test_named_vmap_equals_one_batch_and_grad_inside_works(program):
 
 @pytest.mark.parametrize("custom", [True, False])
 def test_grad_outside_named_vmap(custom, program):
-    x, gamma, beta, w = data()
+    x, gamma, beta, w = problem((32, 6))
     split = lambda v: v.reshape(ND, -1, *v.shape[1:])  # noqa: E731
 
     def loss(x, gamma):
@@ -257,7 +249,7 @@ def test_grad_outside_named_vmap(custom, program):
 
 def test_shard_map_without_axis_name_gives_per_device_statistics():
     # replicated gamma/beta with a sharded x: each device normalizes its own shard
-    x, gamma, beta, w = data()
+    x, gamma, beta, w = problem((32, 6))
     msh = mesh()
 
     def local(x, gamma, beta):
@@ -276,13 +268,13 @@ def test_shard_map_without_axis_name_gives_per_device_statistics():
     assert rel_err(grads[2], sum(r[2][2] for r in per_device)) < TOL
 
 
-@pytest.mark.parametrize("spatial", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
+# the plain case and the masked spatial one: the split across devices depends on neither
+@pytest.mark.parametrize("spatial,masked", [(False, False), (True, True)])
 def test_batch_sharded_jit_on_the_default_mesh_needs_no_mesh_context(spatial, masked, program):
     # JAX's default mesh axes are Explicit, and jit takes arrays sharded on such a mesh
     # without jax.set_mesh (issue 23: jaxbn's shift asked for a mesh context)
     explicit = jax.make_mesh((ND,), ("batch",), axis_types=(AxisType.Explicit,))
-    x, gamma, beta, w = data(spatial=spatial)
+    x, gamma, beta, w = problem((32, 3, 3, 6) if spatial else (32, 6))
     mask = None
     if masked:
         mask = jnp.asarray(np.arange(x.shape[0]) % 3 > 0).reshape((-1,) + (1,) * (x.ndim - 1))
@@ -290,3 +282,11 @@ def test_batch_sharded_jit_on_the_default_mesh_needs_no_mesh_context(spatial, ma
     args = [shard(x), gamma, beta, shard(w)] + ([] if mask is None else [shard(mask)])
     y, st, grads = single(*args)
     assert_same(y, st, grads, single(x, gamma, beta, w, mask))
+
+
+def test_one_row_per_device_normalizes_across_two_devices():
+    # one value per feature and device is enough when the named axis has two devices
+    # (one device alone is refused: test_errors.py)
+    f = lambda r: jaxbn.batch_norm(r, None, None, jaxbn.init_state(3), training=True, axis_name="b")  # noqa: E731
+    y, _ = jax.jit(jax.vmap(f, axis_name="b"))(jnp.arange(6.0).reshape(2, 1, 3))
+    np.testing.assert_allclose(np.asarray(y)[:, 0, 0], [-1, 1], atol=1e-3)

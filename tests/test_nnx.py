@@ -1,5 +1,12 @@
-"""jaxbn.nnx.BatchNorm against flax.nnx.BatchNorm: interface, state, training, modes, errors."""
+"""jaxbn.nnx.BatchNorm against flax.nnx.BatchNorm: interface, state, training, modes,
+errors, the patterns of Flax's own BatchNorm tests (issue 11), nnx's transforms, and
+jaxbn's options forwarded to the core.
 
+Each parity case builds the same model with Flax's module (use_fast_variance=False, the
+oracle) and jaxbn's, from the same Rngs, and compares outputs, gradients, state or
+tabulate tables (tests/flax_parity.py)."""
+
+import contextlib
 import functools
 import inspect
 
@@ -7,15 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import rel_err
+from flax_parity import CONSOLE, INITS, NNX, TOL, assert_same, assert_trees_close, batches, both
+from flax_parity import randn as jrandn
+from reference import randn, rel_err
 
 nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
 
+import jaxbn  # noqa: E402
 import jaxbn.nnx  # noqa: E402
 
-FlaxBN = functools.partial(nnx.BatchNorm, use_fast_variance=False)
-TOL = 1e-5
+FlaxBN = NNX["flax"]
 
 
 class CNN(nnx.Module):
@@ -50,15 +59,6 @@ class MLP(nnx.Module):
         return self.head(x)
 
 
-def batches(kind, steps=5, n=16, seed=0):
-    rs = np.random.RandomState(seed)
-    shape = (steps + 1, n, 8, 8, 3) if kind == "cnn" else (steps + 1, n, 12)
-    x = rs.randn(*shape) * 3 + 2
-    flat = x.reshape(steps + 1, n, -1)
-    labels = np.argmax(flat @ rs.randn(flat.shape[-1], 10), -1)  # learnable
-    return jnp.asarray(x, jnp.float32), jnp.asarray(labels)
-
-
 def train(model, xs, labels, steps=5):
     """nnx.Optimizer(adam), nnx.jit, nnx.value_and_grad; returns state, losses, eval logits."""
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
@@ -77,13 +77,6 @@ def train(model, xs, labels, steps=5):
     losses = jnp.stack([step(model, optimizer, xs[i], labels[i]) for i in range(steps)])
     model.eval()
     return nnx.state(model), losses, model(xs[steps])
-
-
-def assert_trees_close(a, b, tol=TOL):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        assert u.dtype == v.dtype and u.shape == v.shape, path
-        assert rel_err(u, v) <= tol, (path, rel_err(u, v))
 
 
 @pytest.mark.parametrize("method", ["__init__", "__call__"])
@@ -166,15 +159,6 @@ def test_train_eval_switching(switch):
     assert rel_err(ours.var[...], before["var"][...]) > 1e-3
 
 
-def test_mask_matches_flax():
-    rs = np.random.RandomState(2)
-    x = jnp.asarray(rs.randn(16, 4) * 2 + 1, jnp.float32)
-    mask = jnp.asarray(rs.rand(16, 1) > 0.4)
-    ours, theirs = jaxbn.nnx.BatchNorm(4, rngs=nnx.Rngs(0)), FlaxBN(4, rngs=nnx.Rngs(0))
-    assert rel_err(ours(x, mask=mask), theirs(x, mask=mask)) < TOL
-    assert_trees_close(nnx.state(ours), nnx.state(theirs))
-
-
 def test_large_offset_flax_default_is_wrong_jaxbn_is_not():
     rs = np.random.RandomState(3)
     x = jnp.asarray(1e4 + rs.randn(64, 4), jnp.float32)
@@ -230,3 +214,361 @@ def test_use_running_average_never_given():
 def test_bad_num_features():
     with pytest.raises(ValueError, match="num_features must be positive, got 0"):
         jaxbn.nnx.BatchNorm(0, rngs=nnx.Rngs(0))
+
+
+# --- the patterns of Flax's own BatchNorm tests (issue 11) ----------------------------
+
+
+ONE_VALUE = [((1, 4), -1), ((4,), -1)]
+
+
+@pytest.mark.parametrize("shape,axis", ONE_VALUE)
+def test_nnx_one_value_per_feature_trains_as_flax(shape, axis):
+    x, w = jrandn(0, shape, 3.0, 1.0), jrandn(1, shape)
+
+    def run(cls):
+        bn = cls(4, axis=axis, momentum=0.9, **INITS, rngs=nnx.Rngs(0))
+
+        def loss(bn, x):
+            y = bn(x)
+            return jnp.sum(y * w), y
+
+        (grads, dx), y = nnx.grad(loss, argnums=(0, 1), has_aux=True)(bn, x)
+        return y, nnx.to_pure_dict(nnx.state(bn)), nnx.to_pure_dict(grads), dx
+
+    ours, theirs = both(run, NNX)
+    assert_same(ours, theirs)
+
+
+class Block(nnx.Module):
+    def __init__(self, bn, din, dout, rngs):
+        # no bias: batch norm removes it, so its gradient is rounding noise that
+        # adam would scale up to full steps
+        self.linear = nnx.Linear(din, dout, use_bias=False, rngs=rngs)
+        self.bn = bn(dout, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.bn(self.linear(x)))
+
+
+def test_nnx_tabulate_with_one_example_gives_flaxs_table():
+    # Flax's nnx/summary_test.py::test_tabulate: one example through training-mode layers
+    def run(cls):
+        model = Block(cls, 4, 3, nnx.Rngs(0))
+        table = nnx.tabulate(model, jnp.ones((1, 4)), console_kwargs=CONSOLE)
+        return table, nnx.to_pure_dict(nnx.state(model))
+
+    (ours, ours_state), (theirs, theirs_state) = both(run, NNX)
+    assert ours == theirs
+    assert_same(ours_state, theirs_state)
+
+
+def stacked(cls, layers, din, dout):
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(rngs):
+        return Block(cls, din, dout, rngs)
+
+    return create(nnx.Rngs(0))
+
+
+def test_nnx_vmap_one_example_per_member_without_axis_name_trains_as_flax():
+    # Flax's nnx/transforms_test.py::TestVmap::test_state_axes_super_simple
+    x = jrandn(0, (5, 2), 2.0)
+
+    def run(cls):
+        model = stacked(cls, 5, 2, 3)
+
+        @nnx.jit
+        @nnx.vmap(in_axes=(0, 0), out_axes=0)
+        def forward(model, x):
+            return model(x)  # each member sees x of shape (2,)
+
+        return forward(model, x), nnx.to_pure_dict(nnx.state(model))
+
+    ours, theirs = both(run, NNX)
+    assert_same(ours, theirs)
+
+
+def test_nnx_scan_over_layers_with_one_example_trains_as_flax():
+    # Flax's nnx/transforms_test.py::TestScan::test_complex
+    x = jrandn(0, (1, 3), 2.0)
+
+    def run(cls):
+        model = stacked(cls, 4, 3, 3)
+
+        @nnx.jit
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def forward(layer, x):
+            return layer(x)
+
+        return forward(model, x), nnx.to_pure_dict(nnx.state(model))
+
+    ours, theirs = both(run, NNX)
+    assert_same(ours, theirs)
+
+
+def test_nnx_train_step_on_one_example_trains_as_flax():
+    # Flax's nnx/helpers_test.py::test_train_state_methods: a (1, 4) batch
+    x, labels = jrandn(0, (1, 2)), jrandn(1, (1, 4))
+
+    def run(cls):
+        model = Block(cls, 2, 4, nnx.Rngs(0))
+        opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+        loss = lambda m: jnp.mean((m(x) - labels) ** 2)  # noqa: E731
+        for _ in range(2):
+            opt.update(model, nnx.grad(loss)(model))
+        return nnx.to_pure_dict(nnx.state(model))
+
+    ours, theirs = both(run, NNX)
+    assert_same(ours, theirs)
+
+
+HIJAX = hasattr(nnx, "with_vars")  # flax >= 0.12.8: not at the floor, 0.12.1 (pyproject.toml)
+
+
+@pytest.mark.skipif(not HIJAX, reason="hijax variables need flax >= 0.12.8 (nnx.with_vars)")
+@(nnx.var_defaults(hijax=True) if HIJAX else lambda test: test)
+def test_nnx_hijax_variables_train_with_jax_grad_as_flax():
+    # Flax's nnx/integration_test.py::test_example_mutable_arrays
+    x, labels = jrandn(0, (8, 2)), jrandn(1, (8, 3))
+
+    def run(cls):
+        model = Block(cls, 2, 3, nnx.Rngs(0))
+        opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+        @jax.jit
+        def step(x, labels):
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+            def loss_fn(params):
+                return jnp.mean((nnx.merge(graphdef, params, rest)(x) - labels) ** 2)
+
+            loss, grads = jax.value_and_grad(loss_fn)(nnx.with_vars(params, hijax=False))
+            opt.update(model, grads)
+            return loss
+
+        losses = [step(x, labels) for _ in range(2)]
+        return losses, nnx.to_pure_dict(nnx.state(model))
+
+    ours, theirs = both(run, NNX)
+    assert_same(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(nnx, "view"), reason="nnx.view needs flax >= 0.12.4")
+def test_nnx_view_only_batchnorm_flips_jaxbns_layers_as_flaxs():
+    x = jrandn(0, (8, 3), 2.0, 1.0)
+
+    def run(cls):
+        class Model(nnx.Module):
+            def __init__(self):
+                self.lin = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+                self.bn = cls(3, rngs=nnx.Rngs(0))
+                self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(1))
+
+            def __call__(self, x):
+                return self.drop(self.bn(self.lin(x)))
+
+        model = Model()
+        model.bn(x)  # one training call moves the running statistics
+        viewed = nnx.view(model, only=nnx.BatchNorm, use_running_average=True)
+        train_dropout = nnx.view(viewed, only=nnx.Dropout, deterministic=True)
+        return train_dropout.bn.use_running_average, model.bn.use_running_average, train_dropout(x)
+
+    ours, theirs = both(run, NNX)
+    assert ours[:2] == theirs[:2] == (True, False)
+    assert_same(ours[2], theirs[2])
+
+
+def test_axis_index_groups_without_axis_name_train_as_flax():
+    # Flax ignores axis_index_groups without axis_name
+    x = jrandn(0, (6, 3), 2.0, 1.0)
+
+    def run(cls):
+        bn = cls(3, axis_index_groups=[[0]], rngs=nnx.Rngs(0))
+        return bn(x), nnx.to_pure_dict(nnx.state(bn))
+
+    ours, theirs = both(run, NNX)
+    assert_same(ours, theirs)
+
+
+def test_forward_mode_in_training_with_custom_vjp_off_matches_flax():
+    x, t = jrandn(0, (6, 3), 2.0, 1.0), jrandn(1, (6, 3))
+
+    def run(cls):
+        def f(x):  # a module built outside would be mutated from inside the jvp
+            bn = cls(3, **INITS, rngs=nnx.Rngs(0))
+            return bn(x), nnx.to_pure_dict(nnx.state(bn, nnx.BatchStat))
+
+        return jax.jvp(f, (x,), (t,))
+
+    modules = dict(NNX)
+    with pytest.raises(TypeError, match="custom_vjp=False"):
+        run(modules["jaxbn"])
+    modules["jaxbn"] = functools.partial(modules["jaxbn"], custom_vjp=False)
+    ours, theirs = both(run, modules)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")  # nnx's
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")  # nnx's real BatchStat
+def test_complex_input_trains_as_flax():
+    x = (jrandn(0, (8, 2)) + 1j * jrandn(1, (8, 2), 2.0, 1.0)).astype(jnp.complex64)
+
+    def run(cls):
+        bn = cls(2, dtype=jnp.complex64, rngs=nnx.Rngs(0))
+        return bn(x), nnx.to_pure_dict(nnx.state(bn))
+
+    ours, theirs = both(run, NNX)
+    assert_same(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("context", [True, False], ids=["set_mesh", "no_mesh_context"])
+def test_batch_sharded_jit_on_an_explicit_mesh_trains_as_flax(context):
+    # JAX's default mesh axes are Explicit; jitting arrays sharded on one needs no
+    # mesh context (issue 23: jaxbn asked for one)
+    mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x = jrandn(0, (16, 3), 2.0, 1.0)
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+
+    def run(cls):
+        with jax.set_mesh(mesh) if context else contextlib.nullcontext():
+            model = cls(3, rngs=nnx.Rngs(0))
+            return nnx.jit(lambda m, x: m(x))(model, xs), nnx.to_pure_dict(nnx.state(model))
+
+    ours, theirs = both(run, NNX)
+    assert_same(ours, theirs)
+
+
+# --- nnx's transforms ------------------------------------------------------------------
+
+
+class NNXBlock(nnx.Module):
+    def __init__(self, bn, rngs, **bn_args):
+        self.linear = nnx.Linear(6, 6, use_bias=False, rngs=rngs)
+        self.bn = bn(6, momentum=0.8, rngs=rngs, **bn_args)
+
+    def __call__(self, x):
+        return nnx.relu(self.bn(self.linear(x)))
+
+
+def stacked_blocks(bn, **bn_args):
+    @nnx.split_rngs(splits=4)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return NNXBlock(bn, rngs, **bn_args)
+
+    return create(nnx.Rngs(0))
+
+
+def nnx_step(apply, model, x, w):
+    """Loss sum(y * w) under nnx.jit: value, Param gradients and the new state."""
+
+    @nnx.jit
+    def step(model, x, w):
+        loss = lambda model: jnp.sum(apply(model, x) * w)  # noqa: E731
+        return nnx.value_and_grad(loss)(model)
+
+    value, grads = step(model, x, w)
+    return value, grads, nnx.state(model, nnx.BatchStat)
+
+
+def scan_layers(model, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, block):
+        return block(x)
+
+    return forward(x, model)
+
+
+def vmap_members(axis_name):
+    def apply(model, x):
+        return nnx.vmap(lambda block, x: block(x), in_axes=(0, 0), axis_name=axis_name)(model, x)
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "apply,shape,axis_name",
+    [
+        (scan_layers, (16, 6), None),
+        (vmap_members(None), (4, 16, 6), None),
+        (vmap_members("members"), (4, 16, 6), "members"),
+    ],
+    ids=["scan_layers", "vmap", "vmap_axis_name"],
+)
+def test_nnx_transform_matches_flax(apply, shape, axis_name):
+    x, w = randn(shape, scale=2.0, offset=1.0), randn((*shape[:-1], 6), seed=1)
+    before = nnx.state(stacked_blocks(NNX["jaxbn"]), nnx.BatchStat)
+    ours, theirs = (
+        nnx_step(apply, stacked_blocks(NNX[k], axis_name=axis_name), x, w)
+        for k in ("jaxbn", "flax")
+    )
+    assert_trees_close(ours, theirs)
+    for s, v in zip(jax.tree.leaves(ours[2]), jax.tree.leaves(before)):
+        assert rel_err(s, v) > 1e-3
+
+
+def test_nnx_remat_updates_batch_stats_once():
+    # PyTorch's running statistics are updated again by a recomputed forward
+    # (pytorch#96136): a block recomputed in the backward must move them once
+    rs = np.random.RandomState(0)
+    X = jnp.asarray(rs.randn(16, 5) * 2 + 1, jnp.float32)
+    W = jnp.asarray(rs.randn(16, 5), jnp.float32)
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(5, 5, rngs=rngs)
+            self.bn = jaxbn.nnx.BatchNorm(5, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.tanh(self.bn(self.dense(x)))
+
+    def run(remat):
+        model = Block(nnx.Rngs(0))
+        before = np.asarray(model.bn.mean[...])
+
+        def loss(model):
+            f = nnx.remat(lambda m, x: m(x)) if remat else (lambda m, x: m(x))
+            return jnp.sum(f(model, X) * W)
+
+        _, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        return before, nnx.state(model, nnx.BatchStat), grads, model
+
+    before, stats_r, g_r, model = run(True)
+    _, stats, g, _ = run(False)
+    assert_close((stats_r, g_r), (stats, g))
+    h = np.asarray(X, np.float64) @ np.asarray(model.dense.kernel[...], np.float64)
+    h = h + np.asarray(model.dense.bias[...])
+    np.testing.assert_allclose(
+        np.asarray(model.bn.mean[...]), 0.99 * before + 0.01 * h.mean(0), rtol=1e-5
+    )
+
+
+def assert_close(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
+
+
+# jaxbn's options, forwarded to the core (off by default: test_fields_and_defaults_are_flaxs)
+STATIC = ("training", "momentum", "renorm", "virtual_batch_size", "unbiased_running_var")
+batch_norm = jax.jit(jaxbn.batch_norm, static_argnames=STATIC)
+
+
+@pytest.mark.parametrize(
+    "options", [{"renorm": (1.5, 0.5)}, {"virtual_batch_size": 4}, {"unbiased_running_var": True}]
+)
+def test_options_are_forwarded_to_the_core(options):
+    x = jnp.asarray(np.random.RandomState(0).randn(16, 5) * 2 + 3, jnp.float32)
+    bn = jaxbn.nnx.BatchNorm(x.shape[-1], momentum=0.5, rngs=nnx.Rngs(0), **options)
+    y = bn(x)
+    y_core, s_core = batch_norm(
+        x, jnp.ones(5), jnp.zeros(5), jaxbn.init_state(5), training=True, momentum=0.5, **options
+    )
+    y_plain, s_plain = batch_norm(
+        x, jnp.ones(5), jnp.zeros(5), jaxbn.init_state(5), training=True, momentum=0.5
+    )
+    assert rel_err(y, y_core) < 1e-6
+    assert rel_err(bn.var[...], s_core.var) < 1e-6
+    # the option must change something, or the two checks above prove nothing
+    assert rel_err(y, y_plain) > 1e-3 or rel_err(s_core.var, s_plain.var) > 1e-3

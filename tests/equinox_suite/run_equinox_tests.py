@@ -22,30 +22,14 @@ whose code does not name ``BatchNorm``.
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import io
 import os
-import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 EQUINOX_0_13_8 = "v0.13.8"
 FILES = ["tests/test_nn.py", "tests/test_stateful.py", "tests/test_serialisation.py"]
 _MODULE_ENV = "JAXBN_EQUINOX_SUITE"
-
-
-def extract(git_dir: str, commit: str, dest: Path) -> None:
-    """Writes ``tests/`` and ``pyproject.toml`` of ``commit`` under ``dest``."""
-    tar = subprocess.run(
-        ["git", "--git-dir", git_dir, "archive", commit, "tests", "pyproject.toml"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
-        t.extractall(dest, filter="data")
 
 
 # --- the pytest plugin ---------------------------------------------------------------
@@ -85,27 +69,25 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("git_dir", help="a git directory of patrick-kidger/equinox (bare or not)")
-    p.add_argument("--module", choices=["jaxbn", "equinox"], default="jaxbn")
-    p.add_argument("--commit", default=EQUINOX_0_13_8)
-    args, pytest_args = p.parse_known_args(argv)
-    pytest_args = [a for a in pytest_args if a != "--"]
-    with tempfile.TemporaryDirectory(prefix="equinox-tests-") as tmp:
-        root = Path(tmp)
-        extract(args.git_dir, args.commit, root)
-        env = dict(
-            os.environ,
-            **{_MODULE_ENV: args.module},
-            PYTHONPATH=os.pathsep.join(
-                [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
-            ),
-        )
-        cmd = [sys.executable, "-m", "pytest", "-c", str(root / "pyproject.toml")]
-        cmd += ["--rootdir", str(root), "-o", "addopts=", "-p", "run_equinox_tests"]
-        cmd += ["-p", "no:cacheprovider", "-p", "no:xdist", "-q", "-rfE"]
-        cmd += [*pytest_args, *(str(root / f) for f in FILES)]
-        return subprocess.run(cmd, env=env, cwd=root).returncode
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for peer_suites
+    import peer_suites
+
+    args, pytest_args = peer_suites.parse(
+        argv,
+        description=__doc__.split("\n\n")[0],
+        library="patrick-kidger/equinox",
+        baseline="equinox",
+        commit=EQUINOX_0_13_8,
+    )
+    return peer_suites.run(
+        args,
+        pytest_args,
+        files=FILES,
+        plugin_dir=Path(__file__).parent,
+        env={_MODULE_ENV: args.module},
+        options=["-o", "addopts=", "-p", "run_equinox_tests", "-p", "no:xdist", "-rfE"],
+        prefix="equinox-tests-",
+    )
 
 
 if __name__ == "__main__":

@@ -18,13 +18,7 @@ dependencies).
 
 from __future__ import annotations
 
-import argparse
-import io
-import os
-import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 FLAX_0_12_8 = "3a491108"  # google/flax "update to v0.12.8" (the release has no tag in every mirror)
@@ -46,39 +40,29 @@ FILES = [
 ]
 
 
-def extract(git_dir: str, commit: str, dest: Path) -> None:
-    """Writes ``tests/`` and ``pyproject.toml`` of ``commit`` under ``dest``."""
-    tar = subprocess.run(
-        ["git", "--git-dir", git_dir, "archive", commit, "tests", "pyproject.toml"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
-        t.extractall(dest, filter="data")
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("git_dir", help="a git directory of google/flax (bare or not)")
-    p.add_argument("--module", choices=["jaxbn", "flax"], default="jaxbn")
-    p.add_argument("--commit", default=FLAX_0_12_8)
-    args, pytest_args = p.parse_known_args(argv)
-    pytest_args = [a for a in pytest_args if a != "--"]
-    with tempfile.TemporaryDirectory(prefix="flax-tests-") as tmp:
-        root = Path(tmp)
-        extract(args.git_dir, args.commit, root)
-        env = dict(
-            os.environ,
-            JAXBN_FLAX_SUITE=args.module,
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
-            PYTHONPATH=os.pathsep.join(
-                [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
-            ),
-        )
-        cmd = [sys.executable, "-m", "pytest", "-c", str(root / "pyproject.toml")]
-        cmd += ["--rootdir", str(root), "-p", "flax_dropin_plugin", "-p", "no:cacheprovider"]
-        cmd += ["-q", *pytest_args, *(str(root / f) for f in FILES)]
-        return subprocess.run(cmd, env=env, cwd=root).returncode
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for peer_suites
+    import peer_suites
+
+    args, pytest_args = peer_suites.parse(
+        argv,
+        description=__doc__.split("\n\n")[0],
+        library="google/flax",
+        baseline="flax",
+        commit=FLAX_0_12_8,
+    )
+    return peer_suites.run(
+        args,
+        pytest_args,
+        files=FILES,
+        plugin_dir=Path(__file__).parent,
+        env={
+            "JAXBN_FLAX_SUITE": args.module,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        },
+        options=["-p", "flax_dropin_plugin"],
+        prefix="flax-tests-",
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Writes torch_batchnorm.npz: real PyTorch BatchNorm outputs for tests/test_torch_interop.py.
+"""Writes torch_batchnorm.npz: real PyTorch BatchNorm outputs for tests/test_torch.py.
 
 Run with PyTorch installed (the committed file came from torch 2.13.0, CPU):
     python tests/golden/make_torch_golden.py

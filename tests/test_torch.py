@@ -1,16 +1,22 @@
-"""PyTorch parity against golden outputs of real torch (tests/golden/make_torch_golden.py).
+"""PyTorch parity against golden outputs of real torch (tests/golden/make_torch_golden.py):
+jaxbn.batch_norm, the state-dict conversions, and the Flax modules with torch's momentum.
 
 The golden file was produced by torch 2.13.0 (CPU); its version is stored in the file.
 """
 
+import functools
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from reference import rel_err
 
 import jaxbn
+import jaxbn.linen
+import jaxbn.nnx
 
 GOLDEN = np.load(Path(__file__).parent / "golden" / "torch_batchnorm.npz")
 
@@ -98,14 +104,6 @@ def test_momentum_conversion():
         jaxbn.momentum_from_torch(1.5)
 
 
-def test_missing_running_stats_is_a_clear_error():
-    with pytest.raises(
-        ValueError,
-        match=r"state_dict has no 'bn.running_var'; expected a BatchNorm state dict with track_running_stats=True",
-    ):
-        jaxbn.from_torch({"bn.running_mean": np.zeros(3)}, prefix="bn.")
-
-
 def test_to_torch_arrays_are_writable_copies_for_torch_from_numpy():
     # torch.from_numpy warns on read-only arrays (a view of a jax buffer is one), and
     # load_state_dict then writes into the tensors it copies from: each array must own
@@ -122,3 +120,58 @@ def test_to_torch_arrays_are_writable_copies_for_torch_from_numpy():
             assert type(v) is np.ndarray and v.flags.writeable and v.flags.owndata, k
         sd["running_mean"][0] = 7.0
     assert float(state.mean[0]) == 0.0
+
+
+# --- the Flax modules with torch's momentum and unbiased running variance ---------------
+
+
+def test_linen_torch_parity_through_momentum_and_unbiased_options():
+    g = GOLDEN
+    bn = jaxbn.linen.BatchNorm(
+        use_running_average=False,
+        axis=1,
+        momentum=jaxbn.momentum_from_torch(0.1),
+        unbiased_running_var=True,
+    )
+    variables = jax.jit(bn.init)(jax.random.key(0), g["x"][0])
+    variables = {
+        "params": {"scale": jnp.asarray(g["weight"]), "bias": jnp.asarray(g["bias"])},
+        "batch_stats": variables["batch_stats"],
+    }
+    apply = jax.jit(functools.partial(bn.apply, mutable=["batch_stats"]))
+    for i, x in enumerate(g["x"]):
+        y, upd = apply(variables, x)
+        variables = {**variables, **upd}
+        assert rel_err(y, g[f"ema_y{i}"]) < 1e-5
+        assert rel_err(upd["batch_stats"]["var"], g[f"ema_step{i}_running_var"]) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_momentum_none_keeps_a_cumulative_average_with_a_count(kind):
+    g = GOLDEN
+    if kind == "linen":
+        bn = jaxbn.linen.BatchNorm(
+            use_running_average=False, axis=1, momentum=None, unbiased_running_var=True
+        )
+        variables = jax.jit(bn.init)(jax.random.key(0), g["x"][0])
+        assert sorted(variables["batch_stats"]) == ["count", "mean", "var"]
+        variables = {
+            "params": {"scale": jnp.asarray(g["weight"]), "bias": jnp.asarray(g["bias"])},
+            "batch_stats": variables["batch_stats"],
+        }
+        apply = jax.jit(functools.partial(bn.apply, mutable=["batch_stats"]))
+        for x in g["x"]:
+            _, upd = apply(variables, x)
+            variables = {**variables, **upd}
+        stats = variables["batch_stats"]
+    else:
+        bn = jaxbn.nnx.BatchNorm(
+            6, axis=1, momentum=None, unbiased_running_var=True, rngs=nnx.Rngs(0)
+        )
+        bn.scale[...], bn.bias[...] = jnp.asarray(g["weight"]), jnp.asarray(g["bias"])
+        for x in g["x"]:
+            bn(jnp.asarray(x))
+        stats = {"mean": bn.mean[...], "var": bn.var[...], "count": bn.count[...]}
+    assert int(stats["count"]) == 3
+    assert rel_err(stats["mean"], g["cumulative_step2_running_mean"]) < 1e-5
+    assert rel_err(stats["var"], g["cumulative_step2_running_var"]) < 1e-5

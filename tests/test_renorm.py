@@ -1,7 +1,8 @@
-"""``jaxbn.linen.BatchRenorm`` and ``jaxbn.nnx.BatchRenorm`` against sbx's class.
+"""Batch renormalization: jaxbn.batch_norm(renorm=) against a float64 reference of Ioffe
+(2017), Algorithm 1, and jaxbn.batch_renorm / the BatchRenorm modules against sbx's class.
 
-The oracle is sbx-rl 0.28.0's own ``BatchRenorm`` (``sbx/common/jax_layers.py``), run
-by ``tests/golden/make_sbx_golden.py`` on the cases of ``tests/renorm_cases.py``:
+The modules' oracle is sbx-rl 0.28.0's own ``BatchRenorm`` (``sbx/common/jax_layers.py``),
+run by ``tests/golden/make_sbx_golden.py`` on the cases of ``tests/renorm_cases.py``:
 outputs, running statistics and gradients over a run that crosses the warm-up, under
 ``jit``; with ``axis_name`` under ``pmap``; and two updates of a CrossQ-style critic.
 sbx takes Flax's fast variance, so the data keep ``|mean| / std`` below 4, where it is
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import renorm_cases
+from reference import bn_ref, problem, rel_err, vjp_jit
 
 nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
@@ -22,6 +24,68 @@ nnx = pytest.importorskip("flax.nnx")
 import jaxbn  # noqa: E402
 import jaxbn.linen  # noqa: E402
 import jaxbn.nnx  # noqa: E402
+
+# --- jaxbn.batch_norm(renorm=): Ioffe (2017), Algorithm 1, in float64 ---------------------
+
+
+def renorm_ref(x, gamma, beta, run_mean, run_var, rmax, dmax, eps=1e-5):
+    row = lambda v: v[None, :]  # noqa: E731
+    mu = jnp.mean(x, 0, keepdims=True)
+    sigma = jnp.sqrt(jnp.mean((x - mu) ** 2, 0, keepdims=True) + eps)
+    run_sigma = row(jnp.sqrt(run_var + eps))
+    r = jax.lax.stop_gradient(jnp.clip(sigma / run_sigma, 1 / rmax, rmax))
+    d = jax.lax.stop_gradient(jnp.clip((mu - row(run_mean)) / run_sigma, -dmax, dmax))
+    return row(gamma) * ((x - mu) / sigma * r + d) + row(beta)
+
+
+@pytest.mark.parametrize("custom", [True, False])
+@pytest.mark.parametrize("limits", [(1.5, 0.5), (100.0, 100.0), (1.0, 0.0)])
+def test_renorm_matches_the_paper(custom, limits):
+    with jax.enable_x64(True):
+        x, gamma, beta, ct = problem((24, 5), dtype=jnp.float64)
+        state = jaxbn.BatchNormState(
+            jnp.asarray(np.linspace(-1, 3, 5)),
+            jnp.asarray(np.linspace(0.3, 9, 5)),
+            jnp.asarray(0, jnp.int32),
+        )
+        f = lambda x, g, b: jaxbn.batch_norm(  # noqa: E731
+            x, g, b, state, training=True, renorm=limits, custom_vjp=custom
+        )[0]
+        ref = lambda x, g, b: renorm_ref(x, g, b, state.mean, state.var, *limits)  # noqa: E731
+        y, grads = vjp_jit(f, (x, gamma, beta), ct)
+        y_ref, grads_ref = vjp_jit(ref, (x, gamma, beta), ct)
+        assert rel_err(y, y_ref) < 1e-10
+        for a, b in zip(grads, grads_ref):
+            assert rel_err(a, b) < 1e-10
+        if limits == (1.0, 0.0):  # r = 1, d = 0: plain batch norm
+            assert rel_err(y, jax.jit(bn_ref)(x, gamma, beta)[0]) < 1e-10
+
+
+def test_renorm_limits_can_be_traced_for_a_schedule():
+    x, gamma, beta, _ = problem((24, 5))
+    f = jax.jit(
+        lambda rmax, dmax: jaxbn.batch_norm(
+            x, gamma, beta, jaxbn.init_state(5), training=True, renorm=(rmax, dmax)
+        )[0]
+    )
+    y_static = jaxbn.batch_norm(
+        x, gamma, beta, jaxbn.init_state(5), training=True, renorm=(2.0, 1.0)
+    )[0]
+    assert rel_err(f(2.0, 1.0), y_static) < 1e-6
+
+
+def test_renorm_only_in_training_and_state_updates_as_usual():
+    x, gamma, beta, _ = problem((24, 5))
+    s = jaxbn.init_state(5)
+    y_e, _ = jaxbn.batch_norm(x, gamma, beta, s, training=False, renorm=(3.0, 5.0))
+    assert rel_err(y_e, jaxbn.batch_norm(x, gamma, beta, s, training=False)[0]) == 0
+    _, s_r = jaxbn.batch_norm(x, gamma, beta, s, training=True, renorm=(3.0, 5.0))
+    _, s_p = jaxbn.batch_norm(x, gamma, beta, s, training=True)
+    assert rel_err(s_r.var, s_p.var) == 0 and rel_err(s_r.mean, s_p.mean) == 0
+
+
+# --- jaxbn.batch_renorm and the BatchRenorm modules against sbx's ----------------------
+
 
 GOLDEN = dict(np.load(Path(__file__).parent / "golden" / "sbx_batchrenorm.npz"))
 DATA = {k: GOLDEN[k] for k in renorm_cases.inputs()}
