@@ -43,6 +43,7 @@ def _spec_and_inputs(
     return spec, x, gamma, beta, mask
 
 
+@standard_promotion
 def normalize(
     x,
     gamma,
