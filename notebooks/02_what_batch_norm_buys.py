@@ -457,7 +457,7 @@ plt.show()
 #   network trains from tiny weights to above 0.9 on every seed, a few points below its
 #   He accuracy and below batch norm's (the table).
 # - *Weights too large* (gain `10`): tuned, both networks lose accuracy against He's
-#   scale, the plain one more with SGD (its best rate falls to the grid's small end);
+#   scale, the plain one more with SGD (its best rate falls about a hundredfold);
 #   batch norm's best SGD rate is among the largest of the grid, because large weights
 #   under batch norm take small effective steps. With Adam batch norm keeps a little
 #   more (printed).
