@@ -73,8 +73,8 @@ import jaxbn
 # the seeds of every experiment, and the training lengths that set the run time;
 # papermill can set them (papermill ... -p SEEDS "[5, 6, 7, 8, 9]")
 SEEDS = [0, 1, 2, 3, 4]
-SWEEP_STEPS = 150  # §1-2: each run of the learning-rate sweeps
-DEPTH_STEPS = 100  # §3b: the depth-40 runs
+SWEEP_STEPS = 100  # §1-2: each run of the learning-rate sweeps
+DEPTH_STEPS = 60  # §3b: the depth-40 runs
 SMALL_EPOCHS = 2  # §7: epochs at every batch size
 
 # %%
@@ -129,14 +129,25 @@ def stack(trees):
 
 
 def mlp(
-    params, states, x, *, training, act=jax.nn.relu, bn_options=None, bn_inputs=None, perturb=None
+    params,
+    states,
+    x,
+    *,
+    training,
+    act=jax.nn.relu,
+    bn_options=None,
+    bn_inputs=None,
+    perturb=None,
+    bn=None,
 ):
     """Returns (logits, new_states, pre-activations of the hidden layers).
 
     A list passed as `bn_inputs` receives what each batch norm normalizes;
     `perturb(i, z)` changes hidden layer i's pre-activation (after batch norm or bias):
     the noise of noisy batch norm, or dropout (for ReLU, dropping the pre-activation
-    drops the activation).
+    drops the activation). `bn` False (a traced flag) skips batch norm and adds `beta`
+    as the bias: a network without batch norm, with the parameters of one with it, so
+    that one compiled program trains both.
     """
     new_states, pre, h = [], [], x
     for i, layer in enumerate(params[:-1]):
@@ -144,9 +155,10 @@ def mlp(
         if "gamma" in layer:
             if bn_inputs is not None:
                 bn_inputs.append(z)
-            z, s = jaxbn.batch_norm(
+            zn, s = jaxbn.batch_norm(
                 z, layer["gamma"], layer["beta"], states[i], training=training, **(bn_options or {})
             )
+            z = zn if bn is None else jnp.where(bn, zn, z + layer["beta"])
             new_states.append(s)
         else:
             z = z + layer["b"]
@@ -161,9 +173,9 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def accuracy(params, states, x, y, act=jax.nn.relu):
+def accuracy(params, states, x, y, act=jax.nn.relu, bn=None):
     """Accuracy in evaluation mode (running statistics)."""
-    logits, _, _ = mlp(params, states, x, training=False, act=act)
+    logits, _, _ = mlp(params, states, x, training=False, act=act, bn=bn)
     return jnp.mean(jnp.argmax(logits, -1) == y)
 
 
@@ -201,6 +213,7 @@ def make_train(
     full_stats=False,
     monitor=None,
     every=0,
+    padded=False,
 ):
     """A jitted train(params, states, hp, idx), vmapped over a leading axis of all four.
 
@@ -208,19 +221,32 @@ def make_train(
     (params, states), the training loss of every step, and `monitor(params, states,
     batch, t, hp)` every `every` steps (None without a monitor). `bn_options(t, hp)` gives
     batch_norm's keyword arguments at step t (for schedules); `perturb(t, hp, i, z)`
-    changes the hidden pre-activations in training. With `full_stats`, every step runs
+    changes the hidden pre-activations in training; hp["bn"], where given, is mlp's `bn`
+    flag. With `full_stats`, every step runs
     all of x through the network, so that batch norm normalizes with the statistics of
-    the whole training set, and takes the loss on the batch's rows only.
+    the whole training set, and takes the loss on the batch's rows only. With `padded`,
+    only the first hp["rows"] columns of idx are a batch (the rest are masked out of the
+    loss and of batch norm's statistics) and only the first hp["steps"] rows are run (the
+    same for every network of a call), so that one compiled program serves every batch
+    size and run length; it returns no losses.
     """
 
     def run(params, states, hp, idx):
         opt = optimizer(hp)
 
         def loss_fn(p, s, i, t):
-            kw = bn_options(t, hp) if bn_options else None
+            kw = bn_options(t, hp) if bn_options else {}
+            if padded:
+                valid = jnp.arange(i.shape[-1]) < hp["rows"]
+                kw = kw | {"mask": valid[:, None]}
             pert = functools.partial(perturb, t, hp) if perturb else None
             xb = x if full_stats else x[i]
-            logits, s, _ = mlp(p, s, xb, training=True, act=act, bn_options=kw, perturb=pert)
+            logits, s, _ = mlp(
+                p, s, xb, training=True, act=act, bn_options=kw, perturb=pert, bn=hp.get("bn")
+            )
+            if padded:
+                losses = optax.softmax_cross_entropy_with_integer_labels(logits, y[i])
+                return jnp.sum(jnp.where(valid, losses, 0.0)) / hp["rows"], s
             return cross_entropy(logits[i] if full_stats else logits, y[i]), s
 
         def step(carry, ti):
@@ -232,6 +258,14 @@ def make_train(
 
         ts = jnp.arange(len(idx))
         carry = (params, states, opt.init(params))
+        if padded:
+
+            def body(c):
+                carry, t = c
+                return step(carry, (t, idx[t]))[0], t + 1
+
+            (p, s, _), _ = lax.while_loop(lambda c: c[1] < hp["steps"], body, (carry, 0))
+            return (p, s), None, None
         if monitor is None:
             (p, s, _), losses = lax.scan(step, carry, (ts, idx))
             return (p, s), losses, None
@@ -277,7 +311,7 @@ def n_of(mask):
 # which then converge faster and generalize better. Test it against the strongest
 # plain baseline at hand: a ReLU MLP with three hidden layers of 100, He
 # initialization, standardized inputs; plain SGD (no momentum) for `SWEEP_STEPS`
-# steps of 64 digits, learning rates from `1e-4` to `10` in steps of `sqrt(10)`
+# steps of 64 digits, learning rates from `1e-3` to `10` in steps of `sqrt(10)`
 # (wide enough that the plain network's best rate lies inside the grid), five seeds.
 # The same run covers three initialization scales for §2: every weight is drawn from
 # He's `N(0, 2 / fan_in)` times a gain of `0.01`, `1` or `10`. The figure
@@ -286,7 +320,7 @@ def n_of(mask):
 
 # %%
 SIZES = [64, 100, 100, 100, 10]
-LRS = 10.0 ** np.arange(-4, 1.1, 0.5)  # 1e-4 ... 10
+LRS = 10.0 ** np.arange(-3, 1.1, 0.5)  # 1e-3 ... 10
 LRS_ADAM = 10.0 ** np.arange(-4.0, 0.1, 1.0)  # 1e-4 ... 1
 GAINS = np.array([0.01, 1.0, 10.0])
 J_HE = list(GAINS).index(1.0)
@@ -376,8 +410,8 @@ plt.show()
 # standardized inputs, batch norm widens the range of learning rates that train
 # *upward only*.
 #
-# - *Upward.* Without batch norm the good range ends at its best rate: one step of
-#   `sqrt(10)` further some seeds diverge to NaN, and beyond it all do. With batch
+# - *Upward.* Without batch norm the good range ends at its best rate or one step of
+#   `sqrt(10)` above it, and at ten times its best rate every seed diverges to NaN. With batch
 #   norm the network trains at rates up to ten times larger, and fails only at the
 #   largest, without a NaN: the normalized layers cannot blow up, but the unnormalized
 #   output layer no longer learns.
@@ -452,10 +486,10 @@ plt.show()
 #
 # - *Weights too small* (gain `0.01`) *with SGD*: a genuine robustness. Without batch
 #   norm the signal dies out across the layers and no learning rate leaves chance;
-#   with batch norm this scale trains as well as He's. *With Adam the gap nearly
-#   closes*: Adam's steps do not shrink with the vanishing gradients, and the plain
-#   network trains from tiny weights to above 0.9 on every seed, a few points below its
-#   He accuracy and below batch norm's (the table).
+#   with batch norm this scale trains as well as He's. *With Adam the gap narrows*:
+#   Adam's steps do not shrink with the vanishing gradients, and the plain network
+#   trains from tiny weights to about 0.9 (above 0.85 on every seed), several points
+#   below its He accuracy and below batch norm's (the table).
 # - *Weights too large* (gain `10`): tuned, both networks lose accuracy against He's
 #   scale, the plain one more with SGD (its best rate falls about a hundredfold);
 #   batch norm's best SGD rate is among the largest of the grid, because large weights
@@ -804,7 +838,8 @@ def landscape(params, states, i, t, hp):
     """|g|, the loss range along -g over lr |g|^2, and the gradient change per unit step."""
 
     def loss_fn(p):
-        return cross_entropy(mlp(p, states, X_train[i], training=True)[0], Y_train[i])
+        logits = mlp(p, states, X_train[i], training=True, bn=hp["bn"])[0]
+        return cross_entropy(logits, Y_train[i])
 
     def norm(tree):
         return jnp.sqrt(sum(jnp.sum(a**2) for a in jax.tree.leaves(tree)))
@@ -823,18 +858,20 @@ def landscape(params, states, i, t, hp):
 
 LAND_ARMS = {"without BN": (False, 0.0), "with BN": (True, 0.0), "noisy BN": (True, NOISE)}
 idx5 = seed_indices(len(X_train), 64, 150)
-land = {}
-for name, (bn, noise) in LAND_ARMS.items():
-    train_land = make_train(sgd, perturb=noisy_bn if noise else None, monitor=landscape, every=10)
-    params, states = stack([init_mlp(s, SIZES, None, bn) for s in SEEDS])
-    hp = hparams(len(SEEDS), lr=LR_LAND, noise=noise) | {"seed": jnp.asarray(SEEDS)}
-    _, losses, (g_norm, rng, change) = train_land(params, states, hp, idx5)
-    land[name] = {
-        "loss": np.asarray(losses),
-        "grad_norm": np.asarray(g_norm),
-        "range": np.asarray(rng),
-        "change": np.asarray(change),
-    }
+train_land = make_train(sgd, perturb=noisy_bn, monitor=landscape, every=10)
+params, states = stack([init_mlp(s, SIZES, None, True) for _ in LAND_ARMS for s in SEEDS])
+hp = {  # one program for the three arms: bn False is no BN, noise 0 plain batch norm
+    "lr": jnp.full(len(LAND_ARMS) * len(SEEDS), LR_LAND),
+    "bn": jnp.repeat(jnp.asarray([bn for bn, _ in LAND_ARMS.values()]), len(SEEDS)),
+    "noise": jnp.repeat(jnp.asarray([a for _, a in LAND_ARMS.values()]), len(SEEDS)),
+    "seed": jnp.asarray(np.tile(SEEDS, len(LAND_ARMS))),
+}
+_, losses, mons = train_land(params, states, hp, jnp.tile(idx5, (len(LAND_ARMS), 1, 1)))
+split = [np.asarray(v).reshape(len(LAND_ARMS), len(SEEDS), -1) for v in (losses, *mons)]
+land = {
+    n: dict(zip(("loss", "grad_norm", "range", "change"), (v[k] for v in split)))
+    for k, n in enumerate(LAND_ARMS)
+}
 land_steps = np.arange(10, 151, 10)
 
 PANELS = {
@@ -915,9 +952,9 @@ x_small, y_small = X_train[:N_SMALL], Y_train[:N_SMALL]
 
 
 def overfit_monitor(p, s, i, t, hp):
-    logits, _, _ = mlp(p, s, X_held, training=False)
+    logits, _, _ = mlp(p, s, X_held, training=False, bn=hp.get("bn"))
     return (
-        accuracy(p, s, x_small, y_small),
+        accuracy(p, s, x_small, y_small, bn=hp.get("bn")),
         jnp.mean(jnp.argmax(logits, -1) == Y_held),
         cross_entropy(logits, Y_held),
     )
@@ -936,20 +973,21 @@ OVERFIT_ARMS = {  # name: (batch norm, noise-free statistics, weight decay, drop
 }
 idx_small = seed_indices(N_SMALL, 32, 600)
 overfit = {}
-for bn, full in ((False, False), (True, False), (True, True)):
-    names = [n for n, a in OVERFIT_ARMS.items() if a[:2] == (bn, full)]
+for full in (False, True):  # one program per kind of statistics; bn False is no BN
+    names = [n for n, a in OVERFIT_ARMS.items() if a[1] == full]
     train_small = make_train(
         adamw,
         x=x_small,
         y=y_small,
-        perturb=None if bn else dropout,
+        perturb=None if full else dropout,
         full_stats=full,
         monitor=overfit_monitor,
         every=50,
     )
-    params, states = stack([init_mlp(s, WIDE, None, bn) for _ in names for s in SEEDS])
+    params, states = stack([init_mlp(s, WIDE, None, True) for _ in names for s in SEEDS])
     hp = {
         "lr": jnp.full(len(names) * len(SEEDS), 1e-3),
+        "bn": jnp.repeat(jnp.asarray([OVERFIT_ARMS[n][0] for n in names]), len(SEEDS)),
         "wd": jnp.repeat(jnp.asarray([OVERFIT_ARMS[n][2] for n in names]), len(SEEDS)),
         "drop": jnp.repeat(jnp.asarray([OVERFIT_ARMS[n][3] for n in names]), len(SEEDS)),
         "seed": jnp.asarray(np.tile(SEEDS, len(names))),
@@ -1020,28 +1058,28 @@ sig = jax.nn.sigmoid
 
 
 def unit_monitor(p, s, i, t, hp):
-    perturb = functools.partial(noisy_bn, t, hp) if "noise" in hp else None
-    _, _, pre = mlp(p, s, X_held, training=True, act=sig, perturb=perturb)
+    perturb = functools.partial(noisy_bn, t, hp)
+    _, _, pre = mlp(p, s, X_held, training=True, act=sig, perturb=perturb, bn=hp["bn"])
     q = jnp.percentile(pre[-1], jnp.array([15.0, 50.0, 85.0]), axis=0)  # (3, units)
-    return q, accuracy(p, s, X_held, Y_held, act=sig)
+    return q, accuracy(p, s, X_held, Y_held, act=sig, bn=hp["bn"])
 
 
 FIG1_ARMS = {"without BN": (False, 0.0), "with BN": (True, 0.0), "noisy BN": (True, NOISE)}
 idx60 = seed_indices(len(X_train), 60, 400)
-fig1 = {}
-for name, (bn, noise) in FIG1_ARMS.items():
-    hp = hparams(len(SEEDS), lr=0.5) | {"seed": jnp.asarray(SEEDS)}
-    if bn:
-        hp["noise"] = jnp.full(len(SEEDS), noise)
-    train_sig = make_train(
-        sgd, act=sig, perturb=noisy_bn if bn else None, monitor=unit_monitor, every=20
-    )
-    params, states = stack([init_mlp(s, SMALL3, 0.1, bn) for s in SEEDS])
-    q0, _ = jax.vmap(unit_monitor, in_axes=(0, 0, None, None, 0))(params, states, 0, 0, hp)
-    _, _, (q, acc) = train_sig(params, states, hp, idx60)
-    fig1[name] = dict(
-        q=np.concatenate([np.asarray(q0)[:, None], np.asarray(q)], 1), acc=np.asarray(acc)
-    )
+hp = {  # one program for the three arms: bn False is no BN, noise 0 plain batch norm
+    "lr": jnp.full(len(FIG1_ARMS) * len(SEEDS), 0.5),
+    "bn": jnp.repeat(jnp.asarray([bn for bn, _ in FIG1_ARMS.values()]), len(SEEDS)),
+    "noise": jnp.repeat(jnp.asarray([a for _, a in FIG1_ARMS.values()]), len(SEEDS)),
+    "seed": jnp.asarray(np.tile(SEEDS, len(FIG1_ARMS))),
+}
+train_sig = make_train(sgd, act=sig, perturb=noisy_bn, monitor=unit_monitor, every=20)
+params, states = stack([init_mlp(s, SMALL3, 0.1, True) for _ in FIG1_ARMS for s in SEEDS])
+monitor_at_start = jax.jit(jax.vmap(unit_monitor, in_axes=(0, 0, None, None, 0)))
+q0, _ = monitor_at_start(params, states, 0, 0, hp)
+_, _, (q, acc) = train_sig(params, states, hp, jnp.tile(idx60, (len(FIG1_ARMS), 1, 1)))
+q = np.concatenate([np.asarray(q0)[:, None], np.asarray(q)], 1)
+q, acc = (np.reshape(v, (len(FIG1_ARMS), len(SEEDS), *np.shape(v)[1:])) for v in (q, acc))
+fig1 = {n: dict(q=q[k], acc=acc[k]) for k, n in enumerate(FIG1_ARMS)}
 u_steps = np.arange(0, 401, 20)
 
 fig, axes = plt.subplots(1, 4, figsize=(19, 4), layout="constrained")
@@ -1120,7 +1158,9 @@ for name, r in fig1.items():
 #   the paper's schedule, `rmax` 1 to 3 and `dmax` 0 to 5, ramped from a sixth to
 #   two thirds of the run (traced scalars, so one compiled program serves every step).
 #
-# And at a large batch (128, 300 steps), Hoffer, Hubara and Soudry's (2017, "Train
+# Every batch is padded to 32 rows, and the padding masked out of the loss and of batch
+# norm's statistics (`batch_norm(..., mask=)`), so that one compiled program trains
+# every batch size. And at a large batch (128, 300 steps), Hoffer, Hubara and Soudry's (2017, "Train
 # Longer, Generalize Better") ghost batch norm: `virtual_batch_size=16` normalizes
 # groups of 16 within each batch of 128.
 
@@ -1157,41 +1197,62 @@ def population(params, states):
     return stack([one(k) for k in range(len(jax.tree.leaves(params)[0]))])
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def batch_mode_accuracy(params, states, batch):
-    """Held-out accuracy in training mode, in batches of `batch` (as the net trained)."""
-    n = len(X_held) // batch * batch
-    xb = X_held[:n].reshape(-1, batch, X_held.shape[-1])
+BATCHES = (2, 4, 8, 16, 32)
+PAD = max(BATCHES)  # every batch is padded to PAD rows and masked: one program for all
+
+
+def pad(rows):
+    """Row indices (..., batch) padded to (..., PAD) with index 0, and the mask of the
+    real ones."""
+    out = np.zeros((*rows.shape[:-1], PAD), np.int32)
+    out[..., : rows.shape[-1]] = rows
+    return jnp.asarray(out), jnp.asarray(np.arange(PAD) < rows.shape[-1])
+
+
+@jax.jit
+def batch_mode_accuracy(params, states, rows, valid):
+    """Held-out accuracy in training mode, in groups of the training batch size (as the
+    net trained): rows (groups, PAD) index X_held, `valid` marks the group members."""
+    xb, yb = X_held[rows], Y_held[rows]
 
     def one(p, s):
-        logits = jax.vmap(lambda x: mlp(p, s, x, training=True)[0])(xb)
-        return jnp.mean(jnp.argmax(logits.reshape(n, -1), -1) == Y_held[:n])
+        def group(x, v):
+            return mlp(p, s, x, training=True, bn_options={"mask": v[:, None]})[0]
+
+        correct = (jnp.argmax(jax.vmap(group)(xb, valid), -1) == yb) & valid
+        return correct.sum() / valid.sum()
 
     return jax.vmap(one)(params, states)
 
 
-BATCHES = (2, 4, 8, 16, 32)
-n_seeds = len(SEEDS)
+n_seeds, max_steps = len(SEEDS), SMALL_EPOCHS * (len(X_train) // BATCHES[0])
+train_small_plain = make_train(adam, padded=True)
+train_small_bn = make_train(adam, bn_options=renorm_schedule, padded=True)  # BN and renorm
 small = {}
 for batch in BATCHES:
     steps = SMALL_EPOCHS * (len(X_train) // batch)
-    idx_b = seed_indices(len(X_train), batch, steps)
+    idx_b, _ = pad(np.asarray(seed_indices(len(X_train), batch, steps)))
+    idx_b = jnp.pad(idx_b, ((0, 0), (0, max_steps - steps), (0, 0)))  # (seed, step, PAD)
     params, states = stack([init_mlp(s, SIZES, None, False) for s in SEEDS])
-    (p, s), _, _ = make_train(adam)(params, states, hparams(n_seeds, lr=1e-3), idx_b)
+    hp = hparams(n_seeds, lr=1e-3, rows=batch, steps=steps)
+    (p, s), _, _ = train_small_plain(params, states, hp, idx_b)
     small[batch, "no BN"] = np.asarray(held_accuracy(p, s))
     # plain BN and batch renorm: the same program, seeds twice
     params, states = stack([init_mlp(s, SIZES, None, True) for s in [*SEEDS, *SEEDS]])
-    hp = hparams(2 * n_seeds, lr=1e-3, t0=steps / 6, t1=2 * steps / 3)
+    hp = hparams(2 * n_seeds, lr=1e-3, t0=steps / 6, t1=2 * steps / 3, rows=batch, steps=steps)
     hp["renorm"] = jnp.repeat(jnp.array([0.0, 1.0]), n_seeds)
-    train_bn = make_train(adam, bn_options=renorm_schedule)
-    (p, s), _, _ = train_bn(params, states, hp, jnp.concatenate([idx_b, idx_b]))
+    (p, s), _, _ = train_small_bn(params, states, hp, jnp.concatenate([idx_b, idx_b]))
     acc = np.asarray(held_accuracy(p, s))
     small[batch, "BN"], small[batch, "BN, renorm"] = acc[:n_seeds], acc[n_seeds:]
     p, s = jax.tree.map(lambda a: a[:n_seeds], (p, s))  # plain BN's weights
     unbiased = tuple(st._replace(var=st.var * batch / (batch - 1)) for st in s)
     small[batch, "BN, unbiased running var"] = np.asarray(held_accuracy(p, unbiased))
     small[batch, "BN, population stats"] = np.asarray(held_accuracy(p, population(p, s)))
-    small[batch, "BN, batch statistics"] = np.asarray(batch_mode_accuracy(p, s, batch))
+    groups = np.arange(len(X_held) // batch * batch).reshape(-1, batch)
+    groups = np.concatenate([groups, np.zeros((len(X_held) // 2 - len(groups), batch), int)])
+    rows, valid = pad(groups)
+    valid = valid & (jnp.arange(len(groups)) < len(X_held) // batch)[:, None]
+    small[batch, "BN, batch statistics"] = np.asarray(batch_mode_accuracy(p, s, rows, valid))
 
 idx128 = seed_indices(len(X_train), 128, 300)
 for name, options in (("BN", None), ("ghost BN (16)", lambda t, hp: {"virtual_batch_size": 16})):
@@ -1264,9 +1325,9 @@ plt.show()
 #
 # | claim in the notes | verdict | holds when | fails when | literature |
 # | --- | --- | --- | --- | --- |
-# | 1. robust to poor initialization | partly, mostly with SGD | weights too small, trained with SGD: the plain net's forward pass dies and no learning rate saves it (§2) | with Adam the plain net trains from tiny weights too, a few points below batch norm; weights too large: mostly an effective learning-rate change, which tuning partly recovers for either net (§2) | van Laarhoven 2017; Arora, Li and Lyu 2019 |
+# | 1. robust to poor initialization | partly, mostly with SGD | weights too small, trained with SGD: the plain net's forward pass dies and no learning rate saves it (§2) | with Adam the plain net trains from tiny weights too, several points below batch norm; weights too large: mostly an effective learning-rate change, which tuning partly recovers for either net (§2) | van Laarhoven 2017; Arora, Li and Lyu 2019 |
 # | 2. less overfitting | weakly, and not through noise | the held-out loss ends lower, by about as much as weight decay lowers it, and batch norm with noise-free statistics ends at the same loss (§5) | accuracy: every net memorizes the training set and the held-out accuracy does not move (§5) | Ioffe and Szegedy 2015; Luo et al. 2019 |
-# | 3. no vanishing/exploding gradients | at moderate depth, or with skips | 12 layers: flat gradients at any scale, and the sigmoid net's forward collapse undone (§3a) | deep plain nets: batch norm makes gradients explode at init, about 1.21x per layer for ReLU; a 40-layer plain ReLU net does not train at any rate tried, with or without batch norm (§3b) | Yang et al. 2019; De and Smith 2020 |
+# | 3. no vanishing/exploding gradients | at moderate depth, or with skips | 12 layers: flat gradients at any scale, and the sigmoid net's forward collapse undone (§3a) | deep plain nets: batch norm makes gradients explode at init, about 1.21x per layer for ReLU; a 40-layer plain ReLU net does not train in this budget at any rate tried, with or without batch norm (§3b) | Yang et al. 2019; De and Smith 2020 |
 #
 # And what the notes do not claim:
 #
@@ -1337,9 +1398,9 @@ assert agree(a_bn, a_pl, TEST_DIGIT) and 0 < k_pl < len(LRS) - 1, (a_bn, a_pl, k
 # §2: SGD from tiny weights: the plain net stays near chance, BN trains as from He's
 assert (best["SGD", False, 0.01][1] < 0.2).all()
 assert agree(best["SGD", True, 0.01][1], best["SGD", True, 1.0][1], TEST_DIGIT)
-# ... with Adam the plain net trains from tiny weights (every seed above 0.9), though
+# ... with Adam the plain net trains from tiny weights (every seed above 0.85), though
 # below BN there
-assert (best["Adam", False, 0.01][1] > 0.9).all()
+assert (best["Adam", False, 0.01][1] > 0.85).all()
 assert higher(best["Adam", True, 0.01][1], best["Adam", False, 0.01][1])
 # ... large weights: both lose against He's scale, the plain net more with SGD; BN's
 # chosen rate is at least its rate at He's scale
