@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -47,7 +47,12 @@ import numpy as np
 
 import jaxbn
 
-rng = np.random.default_rng(0)
+# %% tags=["parameters"]
+# the seed of every random draw below (papermill can set it: -p SEED 1)
+SEED = 0
+
+# %%
+rng = np.random.default_rng(SEED)
 
 # %% [markdown]
 # ## 1. Forward, train and test mode

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -31,7 +31,7 @@
 # 3. with the one-device step under `jit` and a batch-sharded input (no `shard_map`);
 # 4. sharded, but each device normalizing with its own 8 examples (no `axis_name`).
 #
-# It checks two things, for each of three seeds (initial weights and batch order):
+# It checks two things, for each of five seeds (initial weights and batch order):
 # whether the steps are the *same function* (each variant takes every step of the
 # one-device run again, from the same inputs, and its outputs are compared), and what
 # becomes of independent training runs. The first three agree to float32 rounding;
@@ -59,6 +59,12 @@ import jaxbn
 
 jax.config.update("jax_num_cpu_devices", 8)
 print(jax.devices())
+
+# %% tags=["parameters"]
+# seeds (initial weights and batch order), steps per run and the global batch; papermill
+# can set them (-p SEEDS "[5, 6, 7, 8, 9]")
+SEEDS = [0, 1, 2, 3, 4]
+STEPS, BATCH = 60, 64
 
 # %% [markdown]
 # ## The data and the model
@@ -141,7 +147,6 @@ def apply_cnn(params, state, x, *, training, axis_name=None):
 # %%
 digits = load_digits_split()
 optimizer = optax.sgd(0.05, momentum=0.9)  # as in the demo
-SEEDS, STEPS, BATCH = (0, 1, 2), 60, 64
 
 
 def loss_fn(params, state, x, y):
@@ -201,7 +206,7 @@ def follow(run, seed, ref_carries, put=lambda v: v):
 
 one_device = make_run(train_step)
 free = {"one device": {seed: train(one_device, seed) for seed in SEEDS}}
-print("BatchNormState per layer:", jax.tree.map(jnp.shape, starts[0][1][0]))
+print("BatchNormState per layer:", jax.tree.map(jnp.shape, starts[SEEDS[0]][1][0]))
 final_losses = [f"{free['one device'][s][1][-1]:.3f}" for s in SEEDS]
 print("one device, final training loss per seed:", *final_losses)
 
@@ -456,14 +461,15 @@ plt.show()
 # the one-device run's. Their drift from it is of the size of float32 rounding, the
 # same as the control's (the one-device run itself, restarted from weights perturbed
 # at that size), and they end at the same test accuracy in every seed
-# (printed; the assertion below allows one test image). Training can amplify rounding
+# (printed; the assertion below allows one test image, or what rounding moved the
+# control by, if more). Training can amplify rounding
 # differences over longer runs, so the one-step check above is the test of equality;
 # the control is the yardstick for how far two runs may then part without a bug.
 #
 # Unsynchronized ("ghost") batch norm is a different algorithm, whose statistics
 # depend on how many devices share the batch. Its training loss, measured with its own
-# noisier 8-example statistics, is higher in every seed; its test accuracy is within
-# the seed-to-seed spread of the synchronized runs' (printed mean ± std; with three
+# noisier 8-example statistics, is higher in every seed (over the last 10 steps); its test accuracy is within
+# the seed-to-seed spread of the synchronized runs' (printed mean ± std; with five
 # seeds, this shows no cost on this problem, not that there is none). Under
 # `shard_map` it needs nothing special: with `axis_name=None` and replicated
 # `gamma`/`beta`, jaxbn marks them as varying like `x` before its hand-derived rule,
@@ -474,8 +480,12 @@ plt.show()
 n_test = len(digits.y_test)
 for n in ["8 devices, shard_map, axis_name", "8 devices, jit, sharded input"]:
     assert drift[n].max() < max(1e-5, 10 * drift[CONTROL].max()), (n, drift[n].max())
-    assert np.abs(acc[n] - acc["one device"]).max() <= 1 / n_test, (n, acc[n])
+    # one test image, or what rounding alone moved the control's accuracy, if more
+    allowed = max(1 / n_test, np.abs(acc[CONTROL] - acc["one device"]).max())
+    assert np.abs(acc[n] - acc["one device"]).max() <= allowed, (n, acc[n])
 local = "8 devices, local statistics"
-assert np.all(losses[local][:, -1] > losses["one device"][:, -1]), losses[local][:, -1]
+# the last 10 steps' mean, per seed: one batch's loss alone is noisier than the gap
+late = {n: losses[n][:, -10:].mean(1) for n in (local, "one device")}
+assert np.all(late[local] > late["one device"]), late
 spread = max(np.std(acc[local], ddof=1), np.std(acc["one device"], ddof=1))
 assert abs(acc[local].mean() - acc["one device"].mean()) < 2 * spread + 1 / n_test, acc

@@ -148,9 +148,14 @@ print(f"train {x_train.shape}, test {x_test.shape}")
 # earlier layers normalized with batch statistics, as during training. The replay
 # (3) does the same through `jaxbn.batch_norm` itself.
 
+# %% tags=["parameters"]
+# seeds (initial weights and batch order), steps, batch size and the EMA's momentum;
+# papermill can set them (-p SEEDS "[5, 6, 7, 8, 9]")
+SEEDS = [0, 1, 2, 3, 4]
+STEPS, BATCH, MOMENTUM = 160, 32, 0.9
+
 # %%
-SEEDS, STEPS, BATCH, MOMENTUM = (0, 1, 2, 3, 4), 160, 32, 0.9
-CHECKPOINTS = np.array([1, 2, 3, 5, 10, 20, 40, 80, 160])
+CHECKPOINTS = np.array([t for t in (1, 2, 3, 5, 10, 20, 40, 80, 160) if t < STEPS] + [STEPS])
 optimizer = optax.sgd(0.1, momentum=0.9)
 order = np.stack([batch_indices(len(x_train), BATCH, STEPS, s) for s in SEEDS])
 
@@ -179,15 +184,15 @@ def train(key, idx):
 
 keys = jnp.stack([jax.random.key(s) for s in SEEDS])
 trained = jax.jit(jax.vmap(train))(keys, order)  # leaves (seed, checkpoint, ...)
-# from here on, the 5 x 9 networks are stacked on one axis: network k is
-# seed k // 9 at step CHECKPOINTS[k % 9]
+# from here on, the seeds x checkpoints networks are stacked on one axis: network k is
+# seed k // len(CHECKPOINTS) at step CHECKPOINTS[k % len(CHECKPOINTS)]
 params_k, ema_k = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), trained)
 order_k = np.repeat(order, len(CHECKPOINTS), axis=0)  # the batches of network k's run
 t_k = np.tile(CHECKPOINTS, len(SEEDS))
 print("state.count of the first seed's checkpoints:", ema_k[0].count[: len(CHECKPOINTS)])
 
 # %% [markdown]
-# The four sets of statistics, for all 45 networks at once. `jaxbn.population_stats`
+# The four sets of statistics, for all the networks at once. `jaxbn.population_stats`
 # takes the feature axes of what `fn` returns: with the networks stacked on axis 0,
 # `axis=(0, -1)` gives each network its own statistics, in one pass over the
 # training set (3 chunks of 449 images, merged exactly).
@@ -401,7 +406,7 @@ for m in (0.9, 0.99):
 # of the notebook deploys.
 
 # %%
-k = len(CHECKPOINTS) - 1  # seed 0, step 160
+k = len(CHECKPOINTS) - 1  # the first seed, last step
 params = jax.tree.map(lambda a: a[k], params_k)
 population = tuple(jaxbn.BatchNormState(p.mean[k], p.var[k], p.count) for p in population_k)
 first = np.concatenate([np.asarray(jax.jit(bn_inputs)(params, c)[0], np.float64) for c in chunks])

@@ -24,7 +24,7 @@ NAMES = [
     "04_deploy_population_stats_and_folding",
     "05_fused_batch_norm_activation",
 ]
-HANG_GUARD_S = 1800  # per cell; whole notebooks take about 12 to 70 s on 2 quiet CPU cores
+HANG_GUARD_S = 1800  # per cell; whole notebooks take about 12 to 110 s on 2 quiet CPU cores
 
 
 def cells(nb):
