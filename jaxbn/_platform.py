@@ -62,10 +62,11 @@ def per_platform(cpu: Callable, clean: Callable, *args, gpu: Callable | None = N
 
 
 def differentiable_per_platform(cpu, clean, *, gpu=None, tangent=None):
-    """``fn(spec, *args)`` in the form of the platform (:func:`per_platform`), differentiable.
+    """``form(spec, *args)`` for the form of the platform (:func:`per_platform`), differentiable.
 
-    Its tangent is JAX's jvp of ``tangent(spec, *args)`` (default ``clean``), e.g. the
-    clean form with separate sums: autodiff cannot transpose a variadic reduce.
+    ``spec`` is static. The tangent is JAX's jvp of ``tangent(spec, *args)`` (default
+    ``clean``), e.g. the clean form with separate sums: autodiff cannot transpose a
+    variadic reduce.
     """
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
