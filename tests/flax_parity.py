@@ -45,6 +45,12 @@ def assert_same(ours, theirs, atol=1e-5):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=atol, err_msg=str(path))
 
 
+def assert_close(a, b):
+    """Every leaf of two trees equal to float32 rounding."""
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
+
+
 def assert_trees_close(a, b, tol=TOL):
     """Same tree structure, shapes and dtypes; each leaf within ``tol`` relative error."""
     assert jax.tree.structure(a) == jax.tree.structure(b)

@@ -100,3 +100,9 @@ def problem(shape, axis=-1, *, seed=0, dtype=np.float32, scale=2.0, offset=1.0):
     x = randn(shape, seed=seed, scale=scale, offset=offset, dtype=dtype)
     gamma, beta = affine(features, seed=seed + 1, dtype=dtype)
     return x, gamma, beta, randn(shape, seed=seed + 2, dtype=dtype)
+
+
+def y_ref(x, mask=None):
+    """Float64 NumPy ``(x - mean) / sqrt(var + eps)`` and the batch variance."""
+    y, _, var = np_batch_norm(x, mask=mask)
+    return y, var

@@ -17,7 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax_parity import CONSOLE, INITS, LINEN, TOL, assert_same, assert_trees_close, batches, both
+from flax_parity import (
+    CONSOLE,
+    INITS,
+    LINEN,
+    TOL,
+    assert_close,
+    assert_same,
+    assert_trees_close,
+    batches,
+    both,
+)
 from flax_parity import randn as jrandn
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -745,11 +755,6 @@ def test_linen_remat_updates_batch_stats_once():
     np.testing.assert_allclose(
         np.asarray(upd_r["batch_stats"]["BatchNorm_0"]["mean"]), expect, rtol=1e-5
     )
-
-
-def assert_close(a, b):
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
 
 
 # jaxbn's options, forwarded to the core (off by default: test_fields_and_defaults_are_flaxs)

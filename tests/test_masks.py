@@ -1,8 +1,6 @@
 """mask=: only the values a mask keeps count, in statistics, outputs, counts and the
 running state, against float64 NumPy of the kept values, on both programs."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,37 +8,19 @@ import pytest
 from flax_parity import LINEN, NNX, TOL, assert_trees_close, nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jitted import batch_norm, train
 from reference import (
     bn_ref,
-    np_batch_norm,
     np_stats,
     randn,
     rel_err,
     vjp_jit,
+    y_ref,
 )
 
 import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
-
-# Jitted once per shape and options (use_clean_program and enable_x64 are in jit's cache
-# key): run eagerly, every call would dispatch, and first compile, each op on its own.
-STATIC = ("training", "axis", "momentum", "eps", "unbiased_running_var", "custom_vjp")
-batch_norm = jax.jit(jaxbn.batch_norm, static_argnames=STATIC)
-
-
-@functools.partial(jax.jit, static_argnames="axis")
-def train(x, gamma=None, beta=None, axis=-1, **kw):
-    """One training step from init_state with momentum 0: the new state is the batch's."""
-    fshape = tuple(jnp.shape(x)[a] for a in np.atleast_1d(axis))
-    state = jaxbn.init_state(fshape if len(fshape) > 1 else fshape[0])
-    return jaxbn.batch_norm(x, gamma, beta, state, training=True, axis=axis, momentum=0.0, **kw)
-
-
-def y_ref(x, mask=None):
-    """Float64 NumPy ``(x - mean) / sqrt(var + eps)`` and the batch variance."""
-    y, _, var = np_batch_norm(x, mask=mask)
-    return y, var
 
 
 def test_mask_counts_only_masked_in_values(program):
