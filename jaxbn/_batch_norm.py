@@ -79,7 +79,7 @@ def normalize(
     spec = spec._replace(residual=residual is not None)
     state = check_state(state, tuple(x.shape[a] for a in spec.axes))
     momentum = _checks.check_momentum(momentum)
-    limits = _checks.check_renorm(renorm, x)
+    limits = _checks.check_renorm(renorm)
     if not training:  # ghost batches are a training-time option: any eval batch works
         _checks.check_virtual_batch_size(virtual_batch_size, None, spec.axes, axis_name)
         y = _eval(spec, x, gamma, beta, state)
@@ -91,6 +91,8 @@ def normalize(
         _checks.check_batch_size(
             (size,) + x.shape[1:], reduced, None, None, "virtual_batch_size", one_value
         )
+    if limits is not None and jnp.iscomplexobj(x):  # a training option: eval ignores it
+        raise TypeError(f"renorm needs real x (r and d are clipped), got dtype {x.dtype}.")
     rn = None if limits is None else Renorm(state.mean, state.var, *limits)
     fallback = None if mask is None else (state.mean, state.var)
     args = (x, gamma, beta, residual, mask, rn, fallback)

@@ -282,12 +282,10 @@ def check_cotangents(residuals, axes, dy, dmean, dvar):
     return dy
 
 
-def check_renorm(renorm, x):
+def check_renorm(renorm):
     """None, or (rmax, dmax) as Python numbers (checked) or scalar arrays (traced)."""
     if renorm is None:
         return None
-    if jnp.iscomplexobj(x):
-        raise TypeError(f"renorm needs real x (r and d are clipped), got dtype {x.dtype}.")
     if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
         raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}.")
     rmax, dmax = renorm

@@ -407,3 +407,16 @@ def test_missing_running_stats_is_a_clear_error():
         match=r"state_dict has no 'bn.running_var'; expected a BatchNorm state dict with track_running_stats=True",
     ):
         jaxbn.from_torch({"bn.running_mean": np.zeros(3)}, prefix="bn.")
+
+
+def test_renorm_needs_real_x_in_training_only():
+    # r and d are clipped, which complex numbers cannot be; evaluation ignores renorm
+    x = jnp.asarray(randn((8, 3), seed=4), jnp.complex64) * (1 + 2j)
+    state = jaxbn.init_state(3)
+    with pytest.raises(
+        TypeError, match=r"renorm needs real x \(r and d are clipped\), got dtype complex64"
+    ):
+        jaxbn.batch_norm(x, None, None, state, training=True, renorm=(3.0, 5.0))
+    y, _ = jaxbn.batch_norm(x, None, None, state, training=False, renorm=(3.0, 5.0))
+    want, _ = jaxbn.batch_norm(x, None, None, state, training=False)
+    np.testing.assert_array_equal(y, want)
