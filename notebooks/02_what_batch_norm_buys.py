@@ -1177,7 +1177,6 @@ def held_accuracy(p, s):
     return stacked_accuracy(p, s, X_held, Y_held)
 
 
-@jax.jit
 def bn_inputs(params, states, xb):
     """What each batch norm normalizes, in a training-mode forward pass (as PyTorch's
     `update_bn` and PreciseBN do)."""
@@ -1186,15 +1185,18 @@ def bn_inputs(params, states, xb):
     return inputs
 
 
+stacked_bn_inputs = jax.jit(jax.vmap(bn_inputs, in_axes=(0, 0, None)))
+
+
 def population(params, states):
-    """Per network: the running statistics replaced by population statistics."""
+    """Per network: the running statistics replaced by population statistics. The
+    networks' axis is one more feature axis (`axis=(0, -1)`), so one pass over the
+    training set gives every network's statistics."""
     chunks = [X_train[k : k + 512] for k in range(0, len(X_train), 512)]
-
-    def one(k):
-        p, s = jax.tree.map(lambda a: a[k], (params, states))
-        return tuple(jaxbn.population_stats(lambda b: bn_inputs(p, s, b), chunks))
-
-    return stack([one(k) for k in range(len(jax.tree.leaves(params)[0]))])
+    inputs = lambda b: stacked_bn_inputs(params, states, b)  # noqa: E731
+    pop = jaxbn.population_stats(inputs, chunks, axis=(0, -1))
+    nets = len(jax.tree.leaves(params)[0])
+    return tuple(st._replace(count=jnp.full(nets, st.count)) for st in pop)
 
 
 BATCHES = (2, 4, 8, 16, 32)

@@ -6,11 +6,13 @@ import os
 import shutil
 import tempfile
 
-# XLA's LLVM optimization level 0 (here and in the subprocesses tests start): the
-# tests' arrays are small, so a fifth less compile time outweighs slower kernels (the
-# HLO passes, and so every result, are the same). The notebooks run without it
-# (tests/test_notebooks.py).
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# XLA's LLVM optimization level 0 and none of LLVM's expensive passes (here and in the
+# subprocesses tests start): the tests' arrays are small, so less compile time
+# outweighs slower kernels (the HLO passes, and so every result, are the same). The
+# notebooks and the demo run without them (tests/test_notebooks.py, test_demo.py).
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 
 # Most of the suite's time is XLA compiling, and many programs compile more than once:
 # in another test's closure, in the other xdist worker, in a subprocess (bench, demo,

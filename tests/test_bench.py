@@ -20,11 +20,12 @@ from jaxbn.cli import bench as _bench
 
 @pytest.fixture(scope="session")  # not "module": xdist may run another file's tests between
 def quick_run(tmp_path_factory):
-    """One quick run on two tiny shapes: its printed table and its JSON result (a bench
-    run compiles every mode of every competitor; the tests below share one)."""
+    """One quick run on a tiny NCHW shape: its printed table and its JSON result (a bench
+    run compiles every mode of every competitor; the tests below share one). Caches are
+    left warm here: the gpu script's test below runs the evicting path."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    argv = ["--quick", "--reps", "2", "--warmup", "1", "--shape", "32x8"]
-    argv += ["--shape", "4x8x3x3:1", "--allocator", "current", "--json", str(path)]
+    argv = ["--quick", "--reps", "2", "--warmup", "1", "--shape", "4x8x3x3:1", "--warm-cache"]
+    argv += ["--allocator", "current", "--json", str(path)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert _bench.main(argv) == 0
@@ -33,10 +34,12 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_prints_the_table_and_writes_the_json(quick_run):
     out, result = quick_run
-    for text in ("jaxbn/flax", "xfloor", "floor: x*a+b", "residuals / x bytes", "allocator: "):
+    texts = ("jaxbn/flax", "xfloor", "floor: x*a+b", "residuals / x bytes", "allocator: ")
+    for text in texts + ("warm caches",):
         assert text in out
     assert result["competitors"] == ["jaxbn", "flax", "flax_stable", "autodiff"]
-    assert [r["shape"] for r in result["rows"]] == [[32, 8], [4, 8, 3, 3]]
+    assert [r["shape"] for r in result["rows"]] == [[4, 8, 3, 3]]
+    assert not result["config"]["cold_cache"]
     for row in result["rows"]:
         assert set(row["modes"]) == {"fwd", "fwd+bwd", "bwd", "eval", "fb+relu", "fused+relu"}
         for mode in row["modes"].values():
@@ -145,10 +148,11 @@ def test_gpu_script_runs_on_cpu_when_asked(tmp_path, capsys):
     # the one prepared command a GPU session runs: checked here, torch or not
     has_torch = importlib.util.find_spec("torch") is not None
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
-    argv = ["--allow-cpu", "--shape", "4x8x3x3:1", "--reps", "2", "--warmup", "1"]
+    argv = ["--allow-cpu", "--shape", "4x8x3x3:1", "--reps", "1", "--warmup", "0"]
     assert _gpu_script().main(argv + ["--json", str(out), "--markdown", str(md)]) == 0
     assert "jaxbn/torch" in capsys.readouterr().out
     result = json.loads(out.read_text())
+    assert result["config"]["cold_cache"]  # caches evicted before each call, as on the GPU
     row = result["rows"][0]
     expected = {f"{f}/{m}" for f in ("NCHW", "channels_last") for m in _bench.MODES}
     assert set(row["torch"]) == (expected if has_torch else set())

@@ -1,8 +1,8 @@
 """The notebooks in ``notebooks/``: each pair in sync, committed without outputs, and run.
 
 Each notebook is executed top to bottom in a fresh Jupyter kernel, as a user would run
-it: in ``notebooks/``, without the test suite's simulated devices (``XLA_FLAGS`` from
-``conftest.py``) or a matplotlib backend forced from outside. The notebooks assert their
+it: in ``notebooks/``, without the test suite's XLA flags and compilation cache
+(``conftest.py``) or a matplotlib backend forced from outside. The notebooks assert their
 own written conclusions, so a changed result fails here rather than leaving stale text.
 Their speed is not asserted (a loaded machine may take several times as long); the
 cell timeout only stops a hung kernel.
@@ -61,7 +61,10 @@ def test_uses_only_the_public_api(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name):
     nb = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MPLBACKEND")}
+    # as a user's kernel: without the suite's XLA flags, backend and compilation cache
+    # (a notebook's programs are its own: the cache would only write)
+    drop = ("XLA_FLAGS", "MPLBACKEND", "JAX_COMPILATION_CACHE_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in drop and "PERSISTENT_CACHE" not in k}
     client = nbclient.NotebookClient(
         nb,
         timeout=HANG_GUARD_S,
