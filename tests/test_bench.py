@@ -20,11 +20,12 @@ from jaxbn.cli import bench as _bench
 
 @pytest.fixture(scope="session")  # not "module": xdist may run another file's tests between
 def quick_run(tmp_path_factory):
-    """One quick run on a tiny NCHW shape: its printed table and its JSON result (a bench
-    run compiles every mode of every competitor; the tests below share one). Caches are
-    left warm here: the gpu script's test below runs the evicting path."""
+    """One quick run on a tiny (N, C) shape, features last: its printed table and its JSON
+    result (a bench run compiles every mode of every competitor; the tests below share
+    one). Caches are left warm here: the gpu script's test below runs the evicting path,
+    on an NCHW shape."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    argv = ["--quick", "--reps", "2", "--warmup", "1", "--shape", "4x8x3x3:1", "--warm-cache"]
+    argv = ["--quick", "--reps", "2", "--warmup", "1", "--shape", "32x8", "--warm-cache"]
     argv += ["--allocator", "current", "--json", str(path)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -38,7 +39,7 @@ def test_quick_run_prints_the_table_and_writes_the_json(quick_run):
     for text in texts + ("warm caches",):
         assert text in out
     assert result["competitors"] == ["jaxbn", "flax", "flax_stable", "autodiff"]
-    assert [r["shape"] for r in result["rows"]] == [[4, 8, 3, 3]]
+    assert [r["shape"] for r in result["rows"]] == [[32, 8]]
     assert not result["config"]["cold_cache"]
     for row in result["rows"]:
         assert set(row["modes"]) == {"fwd", "fwd+bwd", "bwd", "eval", "fb+relu", "fused+relu"}

@@ -25,7 +25,7 @@ def png_size(path):
 def test_demo_prints_the_table_and_saves_the_curves(tmp_path):
     out = tmp_path / "curves" / "demo.png"  # a folder that does not exist yet
     # as a user runs it: a fresh process, XLA's default optimization (the suite's
-    # level 0, tests/conftest.py, would double the training's CPU time)
+    # level 0, tests/conftest.py, doubled the run's CPU time)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     argv = ["demo", "--epochs", "3", "--seed", "1", "--out", str(out)]
     proc = subprocess.run(
