@@ -375,9 +375,9 @@ def backward(spec: Spec, saved: Saved, cotangents):
     S1, S2 = psum((s1, s2), spec.axis_name, spec.groups)
     k0, k1 = coefficients(a, rstd, S1, S2, dmean, dvar, res.count)
     if spec.keep == "z":  # xc = c * u
-        k0, k1 = k0, k1 * _xc_per_u(saved)
+        k1 = k1 * _xc_per_u(saved)
     else:  # xc = u - delta
-        k0, k1 = k0 - k1 * res.delta, k1
+        k0 = k0 - k1 * res.delta
     dx, dr = _dx_pp(spec, dz, saved, a, k0, k1)
     if res.gamma is None:
         dgamma = None

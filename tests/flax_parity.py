@@ -64,6 +64,15 @@ def randn(seed, shape, scale=1.0, offset=0.0):
     return jax.random.normal(jax.random.key(seed), shape) * scale + offset
 
 
+def explicit_batch(shape, seed=0):
+    """``(mesh, x, xs)``: 8 devices on one Explicit axis (JAX's default axis type), a batch
+    ``x`` and the same batch sharded over the devices along its first axis."""
+    mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x = randn(seed, shape, 2.0, 1.0)
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    return mesh, x, xs
+
+
 def batches(kind, steps=5, n=16, seed=0):
     """``steps + 1`` batches of images (``kind="cnn"``) or vectors, with learnable labels."""
     rs = np.random.RandomState(seed)

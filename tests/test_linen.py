@@ -27,6 +27,7 @@ from flax_parity import (
     assert_trees_close,
     batches,
     both,
+    explicit_batch,
 )
 from flax_parity import randn as jrandn
 from jax.sharding import AxisType, NamedSharding
@@ -523,9 +524,7 @@ def test_complex_input_trains_as_flax():
 def test_batch_sharded_jit_on_an_explicit_mesh_trains_as_flax(context):
     # JAX's default mesh axes are Explicit; jitting arrays sharded on one needs no
     # mesh context (issue 23: jaxbn asked for one)
-    mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
-    x = jrandn(0, (16, 3), 2.0, 1.0)
-    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    mesh, x, xs = explicit_batch((16, 3))
 
     def run(cls):
         bn = cls(use_running_average=False)
