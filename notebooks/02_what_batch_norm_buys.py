@@ -75,6 +75,7 @@ import jaxbn
 SEEDS = [0, 1, 2, 3, 4]
 SWEEP_STEPS = 100  # §1-2: each run of the learning-rate sweeps
 DEPTH_STEPS = 60  # §3b: the depth-40 runs
+OVERFIT_STEPS = 400  # §5: the runs on a small training set
 SMALL_EPOCHS = 2  # §7: epochs at every batch size
 
 # %%
@@ -810,7 +811,7 @@ plt.show()
 # Santurkar, Tsipras, Ilyas and Madry (2018, "How Does Batch Normalization Help
 # Optimization?") argued that batch norm helps because it makes the loss landscape
 # smoother, not because it fixes "internal covariate shift". Their measurement,
-# repeated here: every 10th step of training, on the current batch, step along the
+# repeated here: every 15th step of training, on the current batch, step along the
 # gradient `g` by `eta` from 0.25 to 4 times the learning rate `lr`, and record
 #
 # - the gradient norm `|g|`;
@@ -858,7 +859,7 @@ def landscape(params, states, i, t, hp):
 
 LAND_ARMS = {"without BN": (False, 0.0), "with BN": (True, 0.0), "noisy BN": (True, NOISE)}
 idx5 = seed_indices(len(X_train), 64, 150)
-train_land = make_train(sgd, perturb=noisy_bn, monitor=landscape, every=10)
+train_land = make_train(sgd, perturb=noisy_bn, monitor=landscape, every=15)
 params, states = stack([init_mlp(s, SIZES, None, True) for _ in LAND_ARMS for s in SEEDS])
 hp = {  # one program for the three arms: bn False is no BN, noise 0 plain batch norm
     "lr": jnp.full(len(LAND_ARMS) * len(SEEDS), LR_LAND),
@@ -872,7 +873,7 @@ land = {
     n: dict(zip(("loss", "grad_norm", "range", "change"), (v[k] for v in split)))
     for k, n in enumerate(LAND_ARMS)
 }
-land_steps = np.arange(10, 151, 10)
+land_steps = np.arange(15, 151, 15)
 
 PANELS = {
     "loss": "training loss",
@@ -931,15 +932,15 @@ print(
 # ## 5. Overfitting
 #
 # To give overfitting a chance, a wide ReLU MLP (two hidden layers of 256, He
-# initialization) sees only the first 300 training digits, for 600 steps of Adam
-# (learning rate `1e-3`, batches of 32: 64 epochs). Accuracy and cross-entropy on the
-# 450 held-out digits every 50 steps. Beside batch norm, the controls a reader expects
+# initialization) sees only the first 200 training digits, for `OVERFIT_STEPS` (400)
+# steps of Adam (learning rate `1e-3`, batches of 32: 64 epochs). Accuracy and
+# cross-entropy on the 450 held-out digits every 50 steps. Beside batch norm, the controls a reader expects
 # and one that separates batch norm's mechanisms:
 #
 # - *weight decay*: the plain network with AdamW (decoupled weight decay 1, i.e. the
 #   weights shrink by `lr * 1 = 1e-3` of themselves per step);
 # - *dropout*: the plain network with dropout 0.5 on the hidden units;
-# - *batch norm with noise-free statistics*: every step runs all 300 digits through
+# - *batch norm with noise-free statistics*: every step runs all 200 digits through
 #   the network, so batch norm normalizes with the statistics of the whole training
 #   set (no sampling noise), while the loss and its gradient are taken on the batch of
 #   32 as before. If the noise of batch statistics is what regularizes (Luo, Wang, Shao
@@ -947,7 +948,7 @@ print(
 #   arm loses batch norm's benefit.
 
 # %%
-N_SMALL, WIDE = 300, [64, 256, 256, 10]
+N_SMALL, WIDE = 200, [64, 256, 256, 10]
 x_small, y_small = X_train[:N_SMALL], Y_train[:N_SMALL]
 
 
@@ -971,7 +972,7 @@ OVERFIT_ARMS = {  # name: (batch norm, noise-free statistics, weight decay, drop
     "with BN": (True, False, 0.0, 0.0),
     "BN, noise-free statistics": (True, True, 0.0, 0.0),
 }
-idx_small = seed_indices(N_SMALL, 32, 600)
+idx_small = seed_indices(N_SMALL, 32, OVERFIT_STEPS)
 overfit = {}
 for full in (False, True):  # one program per kind of statistics; bn False is no BN
     names = [n for n, a in OVERFIT_ARMS.items() if a[1] == full]
@@ -996,7 +997,7 @@ for full in (False, True):  # one program per kind of statistics; bn False is no
     for k, n in enumerate(names):  # train acc, held acc, held loss: (seed, time)
         overfit[n] = [np.asarray(v).reshape(len(names), len(SEEDS), -1)[k] for v in mons]
 overfit = {n: overfit[n] for n in OVERFIT_ARMS}
-of_steps = np.arange(50, 601, 50)
+of_steps = np.arange(50, OVERFIT_STEPS + 1, 50)
 
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), layout="constrained")
 for (name, (_, va, vl)), color in zip(overfit.items(), ("C0", "C4", "C2", "C1", "C3")):
@@ -1022,7 +1023,7 @@ acc_diff = overfit["with BN"][1][:, -1] - overfit["without BN"][1][:, -1]
 print(f"held-out accuracy, BN minus no BN, paired by seed: {mean_sd(acc_diff)}")
 
 # %% [markdown]
-# **What it shows.** Every network fits all 300 training digits: batch norm does not
+# **What it shows.** Every network fits all of its training digits: batch norm does not
 # stop a network from memorizing its training set. On standardized inputs none of the
 # arms' held-out loss climbs much in this run (the rise column), so the test is the
 # held-out loss and accuracy at the end:
@@ -1160,7 +1161,7 @@ for name, r in fig1.items():
 #
 # Every batch is padded to 32 rows, and the padding masked out of the loss and of batch
 # norm's statistics (`batch_norm(..., mask=)`), so that one compiled program trains
-# every batch size. And at a large batch (128, 300 steps), Hoffer, Hubara and Soudry's (2017, "Train
+# every batch size. And at a large batch (128, 200 steps), Hoffer, Hubara and Soudry's (2017, "Train
 # Longer, Generalize Better") ghost batch norm: `virtual_batch_size=16` normalizes
 # groups of 16 within each batch of 128.
 
@@ -1256,7 +1257,7 @@ for batch in BATCHES:
     valid = valid & (jnp.arange(len(groups)) < len(X_held) // batch)[:, None]
     small[batch, "BN, batch statistics"] = np.asarray(batch_mode_accuracy(p, s, rows, valid))
 
-idx128 = seed_indices(len(X_train), 128, 300)
+idx128 = seed_indices(len(X_train), 128, 200)
 for name, options in (("BN", None), ("ghost BN (16)", lambda t, hp: {"virtual_batch_size": 16})):
     params, states = stack([init_mlp(s, SIZES, None, True) for s in SEEDS])
     train_128 = make_train(adam, bn_options=options)
@@ -1270,7 +1271,7 @@ print(f"{'':26}" + "".join(f"{'batch ' + str(b):>15}" for b in BATCHES))
 for name in SMALL_ARMS:
     print(f"{name:26}" + "".join(f"{mean_sd(small[b, name]):>15}" for b in BATCHES))
 for name in ("BN", "ghost BN (16)"):
-    print(f"batch 128, 300 steps, {name:14} {mean_sd(small[128, name])}")
+    print(f"batch 128, {len(idx128[0])} steps, {name:14} {mean_sd(small[128, name])}")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(15, 4.5), layout="constrained", width_ratios=(3, 1))

@@ -23,7 +23,7 @@
 # whole batch.
 #
 # This notebook trains a small CNN on scikit-learn's digits four ways, from the same
-# initial values and the same batches (60 steps of 64 images):
+# initial values and the same batches (40 steps of 64 images):
 #
 # 1. on one device;
 # 2. with the step sharded over 8 devices by `jax.shard_map`, statistics synchronized
@@ -64,7 +64,7 @@ print(jax.devices())
 # seeds (initial weights and batch order), steps per run and the global batch; papermill
 # can set them (-p SEEDS "[5, 6, 7, 8, 9]")
 SEEDS = [0, 1, 2, 3, 4]
-STEPS, BATCH = 60, 64
+STEPS, BATCH = 40, 64
 
 # %% [markdown]
 # ## The data and the model
