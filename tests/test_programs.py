@@ -159,9 +159,10 @@ def test_clean_program_in_a_flax_training_step(module):
     assert len(x_reductions(text, x.size)) == 2
 
 
-def _root_and_x(f, *args):
-    """The compiled entry computation's ROOT line, and the name of its first parameter."""
-    text = jax.jit(f).lower(*args).compile().as_text()
+def _root_and_x(f, *args, options):
+    """The compiled entry computation's ROOT line, and the name of its first parameter,
+    compiled with `options` (XLA's default fusions: the ``xla_cpu_defaults`` fixture)."""
+    text = jax.jit(f).lower(*args).compile(compiler_options=options).as_text()
     lines = text[text.index("\nENTRY") :].splitlines()
     root = next(ln for ln in lines if ln.strip().startswith("ROOT"))
     x = next(ln for ln in lines if " parameter(0)" in ln).split("=")[0].strip()
@@ -169,11 +170,11 @@ def _root_and_x(f, *args):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_output_fuses_with_a_following_relu(training):
+def test_output_fuses_with_a_following_relu(training, xla_cpu_defaults):
     # relu(y) comes out of one fusion that reads x: the normalization leaves XLA free
     # to fuse its consumer (no cond, call or custom call around it), as flax's does.
     x, g, b, _ = problem((64, 16))
     s = jaxbn.init_state(16)
     f = lambda x, s: jax.nn.relu(jaxbn.batch_norm(x, g, b, s, training=training)[0])  # noqa: E731
-    root, x_name = _root_and_x(f, x, s)
+    root, x_name = _root_and_x(f, x, s, options=xla_cpu_defaults)
     assert "maximum" in root and " fusion(" in root and x_name in root, root
