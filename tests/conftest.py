@@ -16,8 +16,8 @@ import tempfile
 # test of the CPU program's fusions compiles with XLA's default for it (the
 # ``xla_cpu_defaults`` fixture). On 2 cores, the emitters cut the suite's CPU time by a
 # fifth, and one module test_act's and test_gradients' by 15 %. A jaxlib that no longer
-# knows a flag aborts on it, so those two are tried once, in a subprocess. The notebooks and the demo run without any of them (test_notebooks.py,
-# test_demo.py).
+# knows a flag aborts on it, so those two are tried once, in a subprocess. The notebooks
+# and the demo run without any of these flags (test_notebooks.py, test_demo.py).
 _FUSION_EMITTERS_OFF = "--xla_cpu_use_fusion_emitters=false"
 if "XLA_FLAGS" not in os.environ:  # the first pytest process; its workers inherit them
     _newer = [_FUSION_EMITTERS_OFF, "--xla_cpu_parallel_codegen_split_count=1"]
@@ -28,7 +28,7 @@ if "XLA_FLAGS" not in os.environ:  # the first pytest process; its workers inher
     )
     os.environ["XLA_FLAGS"] = " ".join(
         ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
-        + _newer * (_probe.returncode == 0)
+        + (_newer if _probe.returncode == 0 else [])
     )
 
 # Each xdist worker on its own cores (and so the kernels and subprocesses it starts).
