@@ -932,8 +932,8 @@ print(
 # ## 5. Overfitting
 #
 # To give overfitting a chance, a wide ReLU MLP (two hidden layers of 256, He
-# initialization) sees only the first 200 training digits, for `OVERFIT_STEPS` (400)
-# steps of Adam (learning rate `1e-3`, batches of 32: 64 epochs). Accuracy and
+# initialization) sees only the first 200 training digits, for `OVERFIT_STEPS` steps
+# of Adam (learning rate `1e-3`, batches of 32; 400 steps are 64 epochs). Accuracy and
 # cross-entropy on the 450 held-out digits every 50 steps. Beside batch norm, the controls a reader expects
 # and one that separates batch norm's mechanisms:
 #
