@@ -934,8 +934,8 @@ print(
 # To give overfitting a chance, a wide ReLU MLP (two hidden layers of 256, He
 # initialization) sees only the first 200 training digits, for `OVERFIT_STEPS` steps
 # of Adam (learning rate `1e-3`, batches of 32; 400 steps are 64 epochs). Accuracy and
-# cross-entropy on the 450 held-out digits every 50 steps. Beside batch norm, the controls a reader expects
-# and one that separates batch norm's mechanisms:
+# cross-entropy on the 450 held-out digits every 50 steps. Beside batch norm, the
+# controls a reader expects and one that separates batch norm's mechanisms:
 #
 # - *weight decay*: the plain network with AdamW (decoupled weight decay 1, i.e. the
 #   weights shrink by `lr * 1 = 1e-3` of themselves per step);

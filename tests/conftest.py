@@ -85,6 +85,16 @@ def xla_cpu_defaults():
 
 
 @pytest.fixture(scope="session")
+def user_env():
+    """The environment of a process a user starts (the demo, a notebook's kernel): this
+    one's without the suite's XLA flags, compilation cache and matplotlib backend. A
+    notebook's or the demo's programs are their own, so the cache would only write. (The
+    xdist worker's cores are still the process's: that changes threads, not results.)"""
+    drop = ("XLA_FLAGS", "MPLBACKEND", "JAX_COMPILATION_CACHE_DIR")
+    return {k: v for k, v in os.environ.items() if k not in drop and "PERSISTENT_CACHE" not in k}
+
+
+@pytest.fixture(scope="session")
 def clean_program():
     """A context manager: inside it, XLA:CPU runs the clean program (the one every other
     platform gets) instead of its own. The one private name the tests need for it."""

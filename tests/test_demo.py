@@ -1,6 +1,5 @@
 """``python -m jaxbn demo``: the table, the PNG, determinism and import hygiene."""
 
-import os
 import re
 import struct
 import subprocess
@@ -22,14 +21,13 @@ def png_size(path):
     return struct.unpack(">II", data[16:24])
 
 
-def test_demo_prints_the_table_and_saves_the_curves(tmp_path):
+def test_demo_prints_the_table_and_saves_the_curves(tmp_path, user_env):
     out = tmp_path / "curves" / "demo.png"  # a folder that does not exist yet
     # as a user runs it: a fresh process, XLA's default optimization (the suite's
     # level 0, tests/conftest.py, doubled the run's CPU time)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     argv = ["demo", "--epochs", "3", "--seed", "1", "--out", str(out)]
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxbn", *argv], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "jaxbn", *argv], capture_output=True, text=True, env=user_env
     )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout

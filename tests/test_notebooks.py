@@ -8,7 +8,6 @@ Their speed is not asserted (a loaded machine may take several times as long); t
 cell timeout only stops a hung kernel.
 """
 
-import os
 import pathlib
 import re
 
@@ -59,19 +58,15 @@ def test_uses_only_the_public_api(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs(name):
+def test_notebook_runs(name, user_env):
     nb = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
-    # as a user's kernel: without the suite's XLA flags, backend and compilation cache
-    # (a notebook's programs are its own: the cache would only write)
-    drop = ("XLA_FLAGS", "MPLBACKEND", "JAX_COMPILATION_CACHE_DIR")
-    env = {k: v for k, v in os.environ.items() if k not in drop and "PERSISTENT_CACHE" not in k}
     client = nbclient.NotebookClient(
         nb,
         timeout=HANG_GUARD_S,
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
-    client.execute(env=env)  # raises CellExecutionError, with the cell, on any error
+    client.execute(env=user_env)  # raises CellExecutionError, with the cell, on any error
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert figures, f"{name} showed no figure"
