@@ -409,3 +409,8 @@ def _train_bwd(spec, saved, cotangents):
 
 
 train.defvjp(_train_fwd, _train_bwd)
+# Traced once per spec and argument types, as jax.nn's functions are: JAX caches the
+# trace and its transformations (vmap, jvp, transpose), so a model whose layers share
+# shapes, or a program traced again, pays for the rule (its platform forms and their
+# conds) once; XLA inlines the call before compiling.
+train = jax.jit(train, static_argnums=0)
