@@ -83,7 +83,8 @@ def normalize(
     if not training:  # ghost batches are a training-time option: any eval batch works
         _checks.check_virtual_batch_size(virtual_batch_size, None, spec.axes, axis_name)
         y = _eval(spec, x, gamma, beta, state)
-        return _core.activate(spec.activation, spec.slope, _add(y, residual)), state
+        y = y if residual is None else y + residual
+        return _core.activate(spec.activation, spec.slope, y), state
     size = _checks.check_virtual_batch_size(virtual_batch_size, x.shape, spec.axes, axis_name)
     reduced = [i for i in range(x.ndim) if i not in spec.axes]
     _checks.check_batch_size(x.shape, reduced, axis_name, spec.groups, allow_one=one_value)
@@ -113,10 +114,6 @@ def normalize(
         mean, var = (jnp.sum(v * w, 0) / jnp.maximum(jnp.sum(w, 0), 1) for v in (mean, var))
         seen = jnp.any(w, 0)
     return y, update(state, mean, var, seen, momentum)
-
-
-def _add(y, residual):
-    return y if residual is None else y + residual
 
 
 def _train(spec, x, gamma, beta, residual, mask, renorm, fallback, custom_vjp):
@@ -246,12 +243,7 @@ def batch_norm(
       >>> state.mean
       Array([0.2, 2. ], dtype=float32)
     """
-    return normalize(
-        x, gamma, beta, state, training=training, axis=axis, momentum=momentum, eps=eps,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
-        unbiased_running_var=unbiased_running_var, renorm=renorm,
-        virtual_batch_size=virtual_batch_size, custom_vjp=custom_vjp,
-    )  # fmt: skip
+    return normalize(**locals())  # every argument, by name
 
 
 @standard_promotion
@@ -312,13 +304,7 @@ def batch_norm_act(
       Array([[0., 0.],
              [1., 1.]], dtype=float32)
     """
-    return normalize(
-        x, gamma, beta, state, training=training, axis=axis, momentum=momentum, eps=eps,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
-        unbiased_running_var=unbiased_running_var, renorm=renorm,
-        virtual_batch_size=virtual_batch_size, custom_vjp=custom_vjp, activation=activation,
-        negative_slope=negative_slope, residual=residual, inplace=inplace,
-    )  # fmt: skip
+    return normalize(**locals())  # every argument, by name
 
 
 @standard_promotion
