@@ -14,57 +14,30 @@ from jaxbn._checks import check_activation
 from jaxbn._core import activate
 
 
-def core_options(module, *, training: bool, initializing: bool = False) -> dict:
-    """The keyword arguments a module's fields give :func:`jaxbn.batch_norm`.
+def call_core(module, x, scale, bias, state, training, mask, residual, initializing=False):
+    """``(y, new_state)`` from the module's fields; ``new_state`` is None for a frozen module.
 
-    Evaluation takes no ghost batches (it uses the running statistics, so any
-    batch size works). linen's ``init`` normalizes with the statistics of the
-    whole batch it is given, as Flax's does: no named axis (it need not exist
-    yet) and no ghost batches (``init`` is often given one example).
+    A frozen module is :func:`jaxbn.frozen_batch_norm`, then the residual and the
+    activation, if any; any other is :func:`jaxbn.batch_norm_act` (the identity
+    without an activation). Evaluation takes no ghost batches (it uses the running
+    statistics, so any batch size works). linen's ``init`` normalizes with the
+    statistics of the whole batch it is given, as Flax's does: no named axis (it need
+    not exist yet) and no ghost batches (``init`` is often given one example).
     """
+    activation = "identity" if module.activation is None else module.activation
+    if module.frozen:
+        y = frozen_batch_norm(x, scale, bias, state, axis=module.axis, eps=module.epsilon)
+        y = y if residual is None else y + residual
+        act = check_activation(activation, module.negative_slope, False)
+        return activate(act["activation"], act["slope"], y), None
     axis_name = None if initializing else module.axis_name
-    return dict(
-        axis=module.axis,
-        momentum=module.momentum,
-        eps=module.epsilon,
-        axis_name=axis_name,
-        # as in Flax, groups without a named axis have nothing to group
-        axis_index_groups=None if axis_name is None else module.axis_index_groups,
-        unbiased_running_var=module.unbiased_running_var,
-        renorm=module.renorm,
-        virtual_batch_size=module.virtual_batch_size if training and not initializing else None,
-        custom_vjp=module.custom_vjp,
-    )
-
-
-def act_options(module) -> dict | None:
-    """The module's activation fields for :func:`jaxbn.batch_norm_act`, or None without one."""
-    if module.activation is None:
-        return None
-    return dict(
-        activation=module.activation,
-        negative_slope=module.negative_slope,
-        inplace=module.inplace,
-    )
-
-
-def module_batch_norm(
-    x, scale, bias, state, *, training: bool, mask, options: dict, act=None, residual=None
-):
-    """:func:`jaxbn.batch_norm_act` (the identity without ``act``), one value per feature
-    allowed."""
-    act = act or dict(activation="identity")
     return normalize(
         x, scale, bias, state, training=training, mask=mask, residual=residual, one_value=True,
-        **act, **options,
+        axis=module.axis, momentum=module.momentum, eps=module.epsilon, axis_name=axis_name,
+        # as in Flax, groups without a named axis have nothing to group
+        axis_index_groups=None if axis_name is None else module.axis_index_groups,
+        unbiased_running_var=module.unbiased_running_var, renorm=module.renorm,
+        virtual_batch_size=module.virtual_batch_size if training and not initializing else None,
+        custom_vjp=module.custom_vjp, activation=activation, negative_slope=module.negative_slope,
+        inplace=module.inplace and module.activation is not None,  # no activation: nothing in place
     )  # fmt: skip
-
-
-def module_frozen(x, scale, bias, state, *, options: dict, act=None, residual=None):
-    """:func:`jaxbn.frozen_batch_norm`, then the activation if the module has one."""
-    y = frozen_batch_norm(x, scale, bias, state, axis=options["axis"], eps=options["eps"])
-    if act is None and residual is None:
-        return y
-    act = act or dict(activation="identity", negative_slope=0.01)
-    spec = check_activation(act["activation"], act["negative_slope"], False)
-    return activate(spec["activation"], spec["slope"], y if residual is None else y + residual)

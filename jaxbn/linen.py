@@ -23,7 +23,8 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._modules import act_options, core_options, module_batch_norm, module_frozen
+from jaxbn._batch_norm import normalize
+from jaxbn._modules import call_core
 from jaxbn._state import BatchNormState
 from jaxbn._warmup_renorm import batch_renorm
 
@@ -54,8 +55,9 @@ def _core_state(mean, var, count=None) -> BatchNormState:
     return BatchNormState(mean.astype(mean_dt), var.astype(var_dt), count)
 
 
-def _immutable_batch_stats(path: str) -> ModifyScopeVariableError:
+def _immutable_batch_stats(module: nn.Module) -> ModifyScopeVariableError:
     """Flax's own error for training without ``mutable=["batch_stats"]``, saying what to pass."""
+    path = "/" if module.scope is None else module.scope.path_text
     err = ModifyScopeVariableError.__new__(ModifyScopeVariableError)
     FlaxError.__init__(  # Flax's message, then the remedy; Flax appends its docs link
         err,
@@ -65,6 +67,16 @@ def _immutable_batch_stats(path: str) -> ModifyScopeVariableError:
         "use_running_average=True to evaluate.",
     )
     return err
+
+
+def _scale_bias(module: nn.Module, shape):
+    """The ``scale`` and ``bias`` params of ``module`` (BatchNorm's fields), None where unused."""
+    scale = bias = None
+    if module.use_scale:
+        scale = module.param("scale", module.scale_init, shape, module.param_dtype)
+    if module.use_bias:
+        bias = module.param("bias", module.bias_init, shape, module.param_dtype)
+    return scale, bias
 
 
 def _stored_dtype(stats_dtype, value):
@@ -234,42 +246,21 @@ class BatchNorm(nn.BatchNorm):
         count = None
         if self.momentum is None:
             count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
-        scale = bias = None
-        if self.use_scale:
-            scale = self.param("scale", self.scale_init, shape, self.param_dtype)
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, shape, self.param_dtype)
-
+        scale, bias = _scale_bias(self, shape)
         out_dtype = canonicalize_dtype(x, scale, bias, residual, dtype=self.dtype)
         # The core returns x's dtype and computes in >= float32 inside; widening x
         # first keeps a float32 output from a bfloat16 x as precise as Flax's.
         x = x.astype(jnp.promote_types(x.dtype, out_dtype))
         if residual is not None:
             residual = jnp.asarray(residual).astype(x.dtype)
-        state = _core_state(ra_mean.value, ra_var.value, None if count is None else count.value)
-        training = not use_running_average
-        initializing = self.is_initializing()
-        options = core_options(self, training=training, initializing=initializing)
-        act = act_options(self)
-        if self.frozen:
-            y = module_frozen(x, scale, bias, state, options=options, act=act, residual=residual)
-            return y.astype(out_dtype)
         if mask is not None:  # Flax's module takes any mask dtype as booleans
             mask = jnp.asarray(mask, bool)
-        y, new = module_batch_norm(
-            x,
-            scale,
-            bias,
-            state,
-            training=training,
-            mask=mask,
-            options=options,
-            act=act,
-            residual=residual,
-        )
-        if training and not initializing:
+        state = _core_state(ra_mean.value, ra_var.value, None if count is None else count.value)
+        training, initializing = not use_running_average, self.is_initializing()
+        y, new = call_core(self, x, scale, bias, state, training, mask, residual, initializing)
+        if new is not None and training and not initializing:
             if not self.is_mutable_collection("batch_stats"):
-                raise _immutable_batch_stats("/" if self.scope is None else self.scope.path_text)
+                raise _immutable_batch_stats(self)
             ra_mean.value = new.mean.astype(_stored_dtype(stats_dtype, new.mean))
             ra_var.value = new.var.astype(stats_dtype)
             if count is not None:
@@ -348,39 +339,25 @@ class BatchRenorm(nn.Module):
         r_max = self.variable("batch_stats", "r_max", lambda s: s, 3)
         d_max = self.variable("batch_stats", "d_max", lambda s: s, 5)
         steps = self.variable("batch_stats", "steps", lambda s: s, 0)
-        scale = bias = None
-        if self.use_scale:
-            scale = self.param("scale", self.scale_init, shape, self.param_dtype)
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, shape, self.param_dtype)
+        scale, bias = _scale_bias(self, shape)
         out_dtype = canonicalize_dtype(x, scale, bias, dtype=self.dtype)
         x = x.astype(jnp.promote_types(x.dtype, out_dtype))
         state = BatchNormState(ra_mean.value, ra_var.value, jnp.asarray(steps.value, jnp.int32))
         options: dict[str, Any] = dict(axis=axes, eps=self.epsilon)
-        if use_running_average:
-            y, _ = batch_renorm(x, scale, bias, state, training=False, **options)
-            return y.astype(out_dtype)
-        if self.is_initializing():  # sbx: the batch's own statistics, nothing updated
+        training = not use_running_average
+        if training and self.is_initializing():  # sbx: the batch's own statistics, no update
             # (sbx's models are initialized with one example: one value per feature)
-            y, _ = module_batch_norm(
-                x,
-                scale,
-                bias,
-                state,
-                training=True,
-                mask=None,
-                options=dict(options, axis_name=None),
-            )
+            y, _ = normalize(x, scale, bias, state, training=True, one_value=True, **options)
             return y.astype(out_dtype)
-        if not self.is_mutable_collection("batch_stats"):
-            raise _immutable_batch_stats("/" if self.scope is None else self.scope.path_text)
+        if training and not self.is_mutable_collection("batch_stats"):
+            raise _immutable_batch_stats(self)
         warmup = self.warmup_steps if self.warm_up_steps is None else self.warm_up_steps
         y, new = batch_renorm(
             x,
             scale,
             bias,
             state,
-            training=True,
+            training=training,
             r_max=r_max.value,
             d_max=d_max.value,
             warmup_steps=warmup,
@@ -389,6 +366,7 @@ class BatchRenorm(nn.Module):
             axis_index_groups=self.axis_index_groups,
             **options,
         )
-        ra_mean.value, ra_var.value = new.mean, new.var
-        steps.value = new.count
+        if training:
+            ra_mean.value, ra_var.value = new.mean, new.var
+            steps.value = new.count
         return y.astype(out_dtype)

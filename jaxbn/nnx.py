@@ -24,13 +24,20 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._modules import act_options, core_options, module_batch_norm, module_frozen
+from jaxbn._modules import call_core
 from jaxbn._state import BatchNormState
 from jaxbn._warmup_renorm import batch_renorm
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # Flax's defaults
+# BatchNorm keeps every other argument as an attribute of its name, as Flax's does
+_NOT_ATTRIBUTES = ("self", "rngs", "bias_init", "scale_init", "bias_metadata", "scale_metadata")
+
+
+def _param(use: bool, init, rngs: nnx.Rngs, shape, dtype, metadata=MappingProxyType({})):
+    """``nnx.Param(init(key, shape, dtype))``, or ``nnx.data(None)`` when not used."""
+    return nnx.Param(init(rngs.params(), shape, dtype), **metadata) if use else nnx.data(None)
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -140,42 +147,18 @@ class BatchNorm(nnx.BatchNorm):
         negative_slope: float = 0.01,
         inplace: bool = False,
     ):
+        arguments = dict(locals())
         shape = _checks.feature_shape_of(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
         if momentum is None:
             self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
         # scale before bias: the order in which Flax draws keys from rngs.params
-        if use_scale:
-            self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-        else:
-            self.scale = nnx.data(None)  # type: ignore[arg-type]
-        if use_bias:
-            self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-        else:
-            self.bias = nnx.data(None)  # type: ignore[arg-type]
-
-        self.num_features = num_features  # type: ignore[assignment]  # wider than nnx.BatchNorm's
-        self.use_running_average = use_running_average
-        self.axis = axis  # type: ignore[assignment]  # wider than nnx.BatchNorm's
-        self.momentum = momentum  # type: ignore[assignment]  # wider than nnx.BatchNorm's
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
-        self.unbiased_running_var = unbiased_running_var
-        self.renorm = renorm
-        self.virtual_batch_size = virtual_batch_size
-        self.frozen = frozen
-        self.custom_vjp = custom_vjp
-        self.activation = activation
-        self.negative_slope = negative_slope
-        self.inplace = inplace
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        for name, value in arguments.items():
+            if name not in _NOT_ATTRIBUTES:
+                setattr(self, name, value)
 
     def __call__(
         self,
@@ -234,22 +217,8 @@ class BatchNorm(nnx.BatchNorm):
             dt = jnp.promote_types(x.dtype, residual.dtype)
             x, residual = x.astype(dt), residual.astype(dt)
         training = not use_running_average
-        options = core_options(self, training=training)
-        act = act_options(self)
-        if self.frozen:
-            return module_frozen(x, scale, bias, state, options=options, act=act, residual=residual)
-        y, new = module_batch_norm(
-            x,
-            scale,
-            bias,
-            state,
-            training=training,
-            mask=mask,
-            options=options,
-            act=act,
-            residual=residual,
-        )
-        if training:
+        y, new = call_core(self, x, scale, bias, state, training, mask, residual)
+        if new is not None and training:
             # As Flax does: the stored statistics carry no tangent (a hijax variable,
             # updated in place, cannot hold one).
             can_update = self.mean._can_update or self.var._can_update
@@ -316,14 +285,8 @@ class BatchRenorm(nnx.Module):
         self.r_max = nnx.BatchStat(jnp.asarray(r_max, jnp.float32))
         self.d_max = nnx.BatchStat(jnp.asarray(d_max, jnp.float32))
         self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        if use_scale:
-            self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype))
-        else:
-            self.scale = nnx.data(None)  # type: ignore[arg-type]
-        if use_bias:
-            self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype))
-        else:
-            self.bias = nnx.data(None)  # type: ignore[arg-type]
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype)
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
