@@ -93,11 +93,9 @@ def check_mask(mask, x_shape: tuple[int, ...]):
     if mask.dtype != jnp.bool_:
         raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}.")
     try:
-        np.broadcast_shapes(mask.shape, x_shape)
+        ok = mask.ndim <= len(x_shape) and np.broadcast_shapes(mask.shape, x_shape) == x_shape
     except ValueError:
         ok = False
-    else:
-        ok = len(mask.shape) <= len(x_shape) and np.broadcast_shapes(mask.shape, x_shape) == x_shape
     if not ok:
         raise ValueError(
             f"mask has shape {mask.shape}, which does not broadcast to x's shape "

@@ -69,21 +69,18 @@ def check_state(state, feature_shape: tuple[int, ...]):
             f"{type(state).__name__}."
         )
     fields = []
-    for field in ("mean", "var", "count"):
-        v = getattr(state, field)
+    for field, v in zip(state._fields, state):
         try:
             if isinstance(v, (str, bytes)):
                 raise TypeError("not a number")
-            v = jnp.asarray(v)
+            fields.append(jnp.asarray(v))
         except (TypeError, ValueError) as err:
             raise TypeError(
                 f"state.{field} must be an array, got {type(v).__name__} ({err})."
             ) from None
-        fields.append(v)
-    if any(f is not getattr(state, n) for f, n in zip(fields, ("mean", "var", "count"))):
+    if any(f is not v for f, v in zip(fields, state)):
         state = BatchNormState(*fields)  # else the very same object, as evaluation returns it
-    for field in ("mean", "var"):
-        v = getattr(state, field)
+    for field, v in (("mean", state.mean), ("var", state.var)):
         if v.shape != feature_shape:
             raise ValueError(
                 f"state.{field} has shape {v.shape}, but x has feature shape "
@@ -99,12 +96,10 @@ def check_state(state, feature_shape: tuple[int, ...]):
             f"state.var has dtype {state.var.dtype} but state.mean has dtype "
             f"{state.mean.dtype}; expected one precision for both (var is real)."
         )
-    if jnp.shape(state.count) != () or not jnp.issubdtype(
-        jnp.result_type(state.count), jnp.integer
-    ):
+    if state.count.shape != () or not jnp.issubdtype(state.count.dtype, jnp.integer):
         raise TypeError(
-            f"state.count must be an integer scalar, got shape {jnp.shape(state.count)} "
-            f"and dtype {jnp.result_type(state.count)}."
+            f"state.count must be an integer scalar, got shape {state.count.shape} "
+            f"and dtype {state.count.dtype}."
         )
     return state
 
