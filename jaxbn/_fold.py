@@ -124,7 +124,7 @@ def fold_linen(variables, pairs, *, eps: float = 1e-5):
         layer = _get(params, layer_path, "params", "a Dense or Conv layer")
         bn_s = _get(stats, bn_path, "batch_stats", "a BatchNorm with running statistics")
         # A BatchNorm with use_scale=False and use_bias=False has no params entry.
-        bn_p = _get(params, bn_path, "params", "a BatchNorm", missing={})
+        bn_p = _get(params, bn_path, "params", "a BatchNorm", required=False)
         layer["kernel"], layer["bias"] = fold_batch_norm(
             layer["kernel"], layer.get("bias"), bn_p.get("scale"), bn_p.get("bias"), bn_s, eps=eps
         )
@@ -146,15 +146,12 @@ def _path(p):
     return (p,) if isinstance(p, str) else tuple(p)
 
 
-_REQUIRED = object()
-
-
-def _get(tree, path, collection, what, missing=_REQUIRED):
+def _get(tree, path, collection, what, required=True):
     node = tree
     for k in _path(path):
         if not hasattr(node, "items") or k not in node:
-            if missing is not _REQUIRED:
-                return missing
+            if not required:
+                return {}
             raise ValueError(
                 f"pairs names {'/'.join(_path(path))} as {what}, but it is not in the "
                 f"variables' {collection!r} collection; expected a path in that collection."
@@ -165,15 +162,13 @@ def _get(tree, path, collection, what, missing=_REQUIRED):
 
 def _pop(tree, path):
     """Removes the entry at ``path`` and any parent it leaves empty."""
-    *parents, last = _path(path)
-    if parents:
-        child = tree.get(parents[0])
-        if hasattr(child, "items"):
-            _pop(child, (*parents[1:], last))
-            if not child:
-                tree.pop(parents[0])
-    else:
-        tree.pop(last, None)
+    first, *rest = _path(path)
+    if not rest:
+        tree.pop(first, None)
+    elif hasattr(tree.get(first), "items"):
+        _pop(tree[first], rest)
+        if not tree[first]:
+            tree.pop(first)
 
 
 def fold_nnx(layer, bn):
