@@ -98,7 +98,8 @@ def batch_renorm(
         raise ValueError(
             "momentum=None (a cumulative average) is not batch_renorm's; pass a number."
         )
-    state = check_state(state, _feature_shape(x, axis))
+    x = _checks.check_x(x)
+    state = check_state(state, tuple(x.shape[a] for a in _checks.normalize_axes(axis, x.ndim)))
     _, batch = batch_norm(  # the batch's statistics, differentiable (exact tangents)
         x, None, None, state, training=True, momentum=0.0, custom_vjp=False,
         axis_name=axis_name, axis_index_groups=axis_index_groups, **common,
@@ -118,8 +119,3 @@ def batch_renorm(
         x, gamma, beta, BatchNormState(mean, var, state.count), training=False, **common
     )
     return y, update(state, mean_b, var_b, None, momentum)
-
-
-def _feature_shape(x, axis) -> tuple[int, ...]:
-    x = _checks.check_x(x)
-    return tuple(x.shape[a] for a in _checks.normalize_axes(axis, x.ndim))
