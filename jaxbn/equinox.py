@@ -201,25 +201,20 @@ class BatchNorm(eqx.nn.BatchNorm):
             raise TypeError(f"dtype must be a real floating dtype, got {dtype}.")
         # the running statistics: at least float32 (no promotion, which strict mode refuses)
         stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-        if channelwise_affine:
-            self.weight = jnp.ones((input_size,), dtype)
-            self.bias = jnp.zeros((input_size,), dtype)
-        else:
-            self.weight = None
-            self.bias = None
+        shape = (input_size,)
+        self.weight = jnp.ones(shape, dtype) if channelwise_affine else None
+        self.bias = jnp.zeros(shape, dtype) if channelwise_affine else None
         self.ema_first_time_index = self.ema_state_index = None
         self.batch_counter = self.batch_state_index = None
         if mode == "ema":  # Equinox's "ema" layout: a first-call flag and (mean, var)
             self.ema_first_time_index = eqx.nn.StateIndex(jnp.array(True))
-            self.ema_state_index = eqx.nn.StateIndex(
-                (jnp.empty((input_size,), stats_dtype), jnp.empty((input_size,), stats_dtype))
-            )
+            stats = (jnp.empty(shape, stats_dtype), jnp.empty(shape, stats_dtype))
+            self.ema_state_index = eqx.nn.StateIndex(stats)
         else:  # Equinox's "batch" layout: a counter (int32, not weakly typed, as the
             # core's count), and (mean, var) from zeros and ones
             self.batch_counter = eqx.nn.StateIndex(jnp.zeros((), jnp.int32))
-            self.batch_state_index = eqx.nn.StateIndex(
-                (jnp.zeros((input_size,), stats_dtype), jnp.ones((input_size,), stats_dtype))
-            )
+            stats = (jnp.zeros(shape, stats_dtype), jnp.ones(shape, stats_dtype))
+            self.batch_state_index = eqx.nn.StateIndex(stats)
         if isinstance(axis_name, list):  # a sequence of names, as Equinox takes; JAX's is a tuple
             axis_name = tuple(axis_name)
         self.axis_name = axis_name
