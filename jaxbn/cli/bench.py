@@ -198,41 +198,33 @@ def bench_shape(
     b = jnp.asarray(rs.randn(c), jnp.float32)
     floor = jax.jit(lambda x, a, b: (x.astype(jnp.float32) * a + b).astype(x.dtype))
     fns = {("floor", "x*a+b"): (floor, (x, g.reshape(keep), b.reshape(keep)))}
+
+    def fwd_bwd(y_of):  # sum(y * w) and its gradients; w is an argument: a constant would be folded
+        loss = lambda x, g, b, w: jnp.sum(y_of(x, g, b).astype(jnp.float32) * w.astype(jnp.float32))
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2))), (x, g, b, w)
+
     residuals, out_dtype = {}, {}
     for name in competitors:
         train, ev, init = competitor_fns(name, axis)
         s = init(c)
         y_of = lambda x, g, b, train=train, s=s: train(x, g, b, s)[0]
-
-        def loss(x, g, b, w, y_of=y_of):  # w is an argument: a constant would be folded
-            return jnp.sum(y_of(x, g, b).astype(jnp.float32) * w.astype(jnp.float32))
-
+        relu_y_of = lambda *a, y_of=y_of: jax.nn.relu(y_of(*a))
+        fused_y_of = relu_y_of  # the others have no fused form: their BN then relu again
+        if name == "jaxbn":
+            fused_y_of = lambda x, g, b, s=s: batch_norm_act(
+                x, g, b, s, training=True, activation="relu", axis=axis, eps=EPS
+            )[0]
         y, vjp = jax.jit(lambda x, g, b, y_of=y_of: jax.vjp(y_of, x, g, b))(x, g, b)
         out_dtype[name] = str(y.dtype)
         fns[(name, "fwd")] = (jax.jit(train), (x, g, b, s))
-        fns[(name, "fwd+bwd")] = (jax.jit(jax.value_and_grad(loss, (0, 1, 2))), (x, g, b, w))
+        fns[(name, "fwd+bwd")] = fwd_bwd(y_of)
         fns[(name, "bwd")] = (jax.jit(lambda vjp, dy: vjp(dy)), (vjp, w.astype(y.dtype)))
         fns[(name, "eval")] = (jax.jit(ev), (x, g, b, s))
-        relu_y_of = lambda *a, y_of=y_of: jax.nn.relu(y_of(*a))  # noqa: E731
-        relu_loss = lambda x, g, b, w, f=relu_y_of: loss(x, g, b, w, f)  # noqa: E731
-        fns[(name, "fb+relu")] = (jax.jit(jax.value_and_grad(relu_loss, (0, 1, 2))), (x, g, b, w))
-        fused_loss = relu_loss  # the others have no fused form: their BN then relu again
-        if name == "jaxbn":
-            fused_y_of = lambda x, g, b, s=s: batch_norm_act(  # noqa: E731
-                x, g, b, s, training=True, activation="relu", axis=axis, eps=EPS
-            )[0]
-            fused_loss = lambda x, g, b, w, f=fused_y_of: loss(x, g, b, w, f)  # noqa: E731
-        fns[(name, "fused+relu")] = (
-            jax.jit(jax.value_and_grad(fused_loss, (0, 1, 2))),
-            (x, g, b, w),
-        )
+        fns[(name, "fb+relu")] = fwd_bwd(relu_y_of)
+        fns[(name, "fused+relu")] = fwd_bwd(fused_y_of)
         residuals[name] = residual_bytes(y_of, x, g, b)
-    same = {
-        m: program(fns[("jaxbn", m)][0], *fns[("jaxbn", m)][1])
-        == program(fns[("flax", m)][0], *fns[("flax", m)][1])
-        for m in MODES
-        if "flax" in competitors
-    }
+    hlo = lambda k, m: program(fns[(k, m)][0], *fns[(k, m)][1])
+    same = {m: hlo("jaxbn", m) == hlo("flax", m) for m in MODES if "flax" in competitors}
     order = [("floor", "x*a+b")] + [(k, m) for m in MODES for k in competitors]
     t, faults = _timed({key: fns[key] for key in order}, reps, warmup, flush)
     pass_ms = float(np.median(t[("floor", "x*a+b")])) * 1e3 / 2
