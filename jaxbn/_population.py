@@ -73,6 +73,7 @@ def population_stats(
 
     static_axis = tuple(axis) if isinstance(axis, (list, tuple)) else axis
     acc, treedef, num = None, None, 0
+    f64 = lambda v: np.asarray(v, np.float64)
     for batch in batches:
         xs, td = jax.tree.flatten(fn(batch))
         xs = [_checks.check_x(x) for x in xs]
@@ -83,25 +84,21 @@ def population_stats(
                     f"fn returned an array of shape {x.shape} with no values to count for "
                     f"batch {num}; expected at least one value per feature."
                 )
-        leaves = _batch_moments(static_axis, xs)
-        # the mean as shift + delta in float64: a float32 mean alone loses ulp(mean) / 2
+        # (n, mean, m2) per leaf, the mean as shift + delta in float64: a float32 mean alone
+        # loses ulp(mean) / 2
         leaves = [
-            (
-                np.asarray(n, np.float64),
-                np.asarray(sh, np.float64) + np.asarray(de, np.float64),
-                np.asarray(v, np.float64),
-            )
-            for n, sh, de, v in leaves
+            (f64(n), f64(sh) + f64(de), f64(v) * f64(n))
+            for n, sh, de, v in _batch_moments(static_axis, xs)
         ]
         if acc is None:
-            acc, treedef = [(n, m, v * n) for n, m, v in leaves], td
+            acc, treedef = leaves, td
         else:
             if td != treedef or any(m.shape != a[1].shape for (_, m, _), a in zip(leaves, acc)):
                 raise ValueError(
                     f"fn returned a different structure or feature shape for batch {num}; "
                     f"expected the same as for batch 0."
                 )
-            acc = [_merge(a, (n, m, v * n)) for a, (n, m, v) in zip(acc, leaves)]
+            acc = [_merge(a, b) for a, b in zip(acc, leaves)]
         num += 1
     if acc is None:
         raise ValueError("batches is empty; expected at least one batch.")
