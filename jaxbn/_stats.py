@@ -59,7 +59,7 @@ are int32.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -203,23 +203,14 @@ def _candidates(x, m, feature_axes):
         positions = [0, total // 2, total - 1]
         has = jnp.full(fshape, total > 0)
     else:
-        lin = sum(
-            (
-                lax.broadcasted_iota(jnp.int32, m.shape, a) * st
-                for a, st in zip(red, strides)
-                if m.shape[a] != 1
-            ),
-            jnp.zeros(m.shape, jnp.int32),
-        )
+        lin = jnp.zeros(m.shape, jnp.int32)
+        for a, st in zip(red, strides):
+            if m.shape[a] != 1:
+                lin = lin + lax.broadcasted_iota(jnp.int32, m.shape, a) * st
         big = np.iinfo(np.int32).max
-        first, mid, last = variadic_minmax(
-            (
-                jnp.where(m, lin, big),
-                jnp.where(m & (lin >= total // 2), lin, big),
-                jnp.where(m, lin, -1),
-            ),
-            red,
-        )
+        at_mid = m & (lin >= total // 2)
+        ops = (jnp.where(m, lin, big), jnp.where(at_mid, lin, big), jnp.where(m, lin, -1))
+        first, mid, last = variadic_minmax(ops, red)
         has = first < big
         mid = jnp.where(mid < big, mid, last)
         positions = [jnp.where(has, p, 0) for p in (first, mid, last)]
@@ -360,9 +351,6 @@ def moments_tangent(x, m, feature_axes, axis_name, axis_index_groups, mo: Moment
     n1 = jnp.maximum(mo.count, 1).astype(mo.var.dtype)
     fshape = mo.shift.shape
     dmean, dvar = jnp.reshape(t1, fshape) / n1, 2 * jnp.reshape(t2, fshape) / n1
-    zero = jnp.zeros_like(dmean)
-    return Moments(dmean, zero, jnp.where(jnp.isfinite(mo.var), dvar, 0), _int_zero(mo.count))
-
-
-def _int_zero(v):
-    return np.zeros(jnp.shape(v), jax.dtypes.float0)
+    dvar = jnp.where(jnp.isfinite(mo.var), dvar, 0)
+    dcount: Any = np.zeros(jnp.shape(mo.count), jax.dtypes.float0)  # an integer's tangent
+    return Moments(dmean, jnp.zeros_like(dmean), dvar, dcount)
