@@ -12,6 +12,7 @@ from __future__ import annotations
 from jaxbn._batch_norm import frozen_batch_norm, normalize
 from jaxbn._checks import check_activation
 from jaxbn._core import activate
+from jaxbn._warmup_renorm import batch_renorm
 
 
 def call_core(module, x, scale, bias, state, training, mask, residual, initializing=False):
@@ -40,4 +41,13 @@ def call_core(module, x, scale, bias, state, training, mask, residual, initializ
         virtual_batch_size=module.virtual_batch_size if training and not initializing else None,
         custom_vjp=module.custom_vjp, activation=activation, negative_slope=module.negative_slope,
         inplace=module.inplace and module.activation is not None,  # no activation: nothing in place
+    )  # fmt: skip
+
+
+def call_renorm(module, x, scale, bias, state, training, r_max, d_max, warmup_steps):
+    """``(y, new_state)`` of :func:`jaxbn.batch_renorm` with a BatchRenorm module's fields."""
+    return batch_renorm(
+        x, scale, bias, state, training=training, r_max=r_max, d_max=d_max,
+        warmup_steps=warmup_steps, axis=module.axis, momentum=module.momentum,
+        eps=module.epsilon, axis_name=module.axis_name, axis_index_groups=module.axis_index_groups,
     )  # fmt: skip

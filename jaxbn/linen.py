@@ -24,9 +24,8 @@ except ImportError as err:  # flax is an optional extra
 
 from jaxbn import _checks
 from jaxbn._batch_norm import normalize
-from jaxbn._modules import call_core
+from jaxbn._modules import call_core, call_renorm
 from jaxbn._state import BatchNormState
-from jaxbn._warmup_renorm import batch_renorm
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -343,28 +342,18 @@ class BatchRenorm(nn.Module):
         out_dtype = canonicalize_dtype(x, scale, bias, dtype=self.dtype)
         x = x.astype(jnp.promote_types(x.dtype, out_dtype))
         state = BatchNormState(ra_mean.value, ra_var.value, jnp.asarray(steps.value, jnp.int32))
-        options: dict[str, Any] = dict(axis=axes, eps=self.epsilon)
         training = not use_running_average
         if training and self.is_initializing():  # sbx: the batch's own statistics, no update
             # (sbx's models are initialized with one example: one value per feature)
-            y, _ = normalize(x, scale, bias, state, training=True, one_value=True, **options)
+            y, _ = normalize(
+                x, scale, bias, state, training=True, one_value=True, axis=axes, eps=self.epsilon
+            )
             return y.astype(out_dtype)
         if training and not self.is_mutable_collection("batch_stats"):
             raise _immutable_batch_stats(self)
         warmup = self.warmup_steps if self.warm_up_steps is None else self.warm_up_steps
-        y, new = batch_renorm(
-            x,
-            scale,
-            bias,
-            state,
-            training=training,
-            r_max=r_max.value,
-            d_max=d_max.value,
-            warmup_steps=warmup,
-            momentum=self.momentum,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            **options,
+        y, new = call_renorm(
+            self, x, scale, bias, state, training, r_max.value, d_max.value, warmup
         )
         if training:
             ra_mean.value, ra_var.value = new.mean, new.var

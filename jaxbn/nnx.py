@@ -24,9 +24,8 @@ except ImportError as err:  # flax is an optional extra
     ) from err
 
 from jaxbn import _checks
-from jaxbn._modules import call_core
+from jaxbn._modules import call_core, call_renorm
 from jaxbn._state import BatchNormState
-from jaxbn._warmup_renorm import batch_renorm
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -306,22 +305,9 @@ class BatchRenorm(nnx.Module):
         bias = None if self.bias is None else self.bias[...]
         x, scale, bias = dtypes.promote_dtype((x, scale, bias), dtype=self.dtype)
         state = BatchNormState(self.mean[...], self.var[...], self.steps[...])
-        y, new = batch_renorm(
-            x,
-            scale,
-            bias,
-            state,
-            training=not use_running_average,
-            r_max=self.r_max[...],
-            d_max=self.d_max[...],
-            warmup_steps=self.warmup_steps,
-            axis=self.axis,
-            momentum=self.momentum,
-            eps=self.epsilon,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-        )
-        if not use_running_average:
+        training, r_max, d_max = not use_running_average, self.r_max[...], self.d_max[...]
+        y, new = call_renorm(self, x, scale, bias, state, training, r_max, d_max, self.warmup_steps)
+        if training:
             self.mean[...] = jax.lax.stop_gradient(new.mean)
             self.var[...] = jax.lax.stop_gradient(new.var)
             self.steps[...] = new.count
