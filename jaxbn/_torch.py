@@ -56,11 +56,9 @@ def from_torch(state_dict: Mapping, prefix: str = ""):
             )
     f32 = lambda k: None if get(k) is None else jnp.asarray(np.asarray(get(k)), jnp.float32)  # noqa: E731
     count = get("num_batches_tracked")
-    state = BatchNormState(
-        jnp.asarray(get("running_mean"), jnp.float32),
-        jnp.asarray(get("running_var"), jnp.float32),
-        jnp.asarray(0 if count is None else int(np.asarray(count)), jnp.int32),
-    )
+    count = jnp.asarray(0 if count is None else int(np.asarray(count)), jnp.int32)
+    mean, var = (jnp.asarray(get(k), jnp.float32) for k in ("running_mean", "running_var"))
+    state = BatchNormState(mean, var, count)
     check_state(state, state.mean.shape)
     return f32("weight"), f32("bias"), state
 
@@ -122,9 +120,6 @@ def flax_variables_to_torch(variables: Mapping, num_batches_tracked: int = 0, pr
     """The inverse of :func:`flax_variables_from_torch`; Flax keeps no batch count."""
     params = variables.get("params", {})
     stats = variables["batch_stats"]
-    state = BatchNormState(
-        jnp.asarray(stats["mean"]),
-        jnp.asarray(stats["var"]),
-        jnp.asarray(num_batches_tracked, jnp.int32),
-    )
+    count = jnp.asarray(num_batches_tracked, jnp.int32)
+    state = BatchNormState(jnp.asarray(stats["mean"]), jnp.asarray(stats["var"]), count)
     return to_torch(params.get("scale"), params.get("bias"), state, prefix)
