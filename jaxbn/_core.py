@@ -379,12 +379,8 @@ def backward(spec: Spec, saved: Saved, cotangents):
     else:  # xc = u - delta
         k0 = k0 - k1 * res.delta
     dx, dr = _dx_pp(spec, dz, saved, a, k0, k1)
-    if res.gamma is None:
-        dgamma = None
-    elif res.r is None or res.d is None:
-        dgamma = (rstd * s2).astype(res.gamma.dtype)
-    else:
-        dgamma = (res.r * rstd * s2 + res.d * s1).astype(res.gamma.dtype)
+    dgamma = rstd * s2 if res.r is None or res.d is None else res.r * rstd * s2 + res.d * s1
+    dgamma = None if res.gamma is None else dgamma.astype(res.gamma.dtype)
     dbeta = None if saved.beta is None else s1.astype(saved.beta.dtype)
     return dx, dgamma, dbeta, dr
 
