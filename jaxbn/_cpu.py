@@ -78,14 +78,11 @@ def moments(x, m, feature_axes, axis_name=None, axis_index_groups=None) -> Momen
     def shifted_moments(x, m, mean, var, n):  # the clean program's sums, each its own pass
         s = _stats.shift_of(x, m, feature_axes, axis_name, axis_index_groups)
         parts = copies((x, m, s), 2)
-        sums = psum(
-            tuple(
-                jnp.reshape(jnp.sum(_stats.stat_operands(xi, mi, si, feature_axes)[i], red), fshape)
-                for i, (xi, mi, si) in enumerate(parts)
-            ),
-            axis_name,
-            axis_index_groups,
+        sums = tuple(
+            jnp.reshape(jnp.sum(_stats.stat_operands(xi, mi, si, feature_axes)[i], red), fshape)
+            for i, (xi, mi, si) in enumerate(parts)
         )
+        sums = psum(sums, axis_name, axis_index_groups)
         return _stats.combine(sums, s, n, _stats.reduced_size(x, feature_axes))[:3]
 
     # n stays out of the cond's outputs: its type is the clean form's (jaxbn._platform)
