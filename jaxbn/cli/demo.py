@@ -79,8 +79,7 @@ def apply_cnn(params, state, x, *, training: bool, axis_name=None, bn_inputs=Non
     are then those of the global batch. A list passed as ``bn_inputs`` receives each
     batch norm's input (for :func:`jaxbn.population_stats`).
     """
-    new_state = []
-    h = x
+    new_state, h = [], x
     for i, layer in enumerate(params[:-1]):
         stride = 1 if i == 0 else 2
         h = lax.conv_general_dilated(
@@ -206,15 +205,9 @@ def train_cnn(
     losses = np.asarray(jax.device_get(loss_list), np.float64)
     accs = np.asarray(jax.device_get(acc_list), np.float64)
     hit = np.flatnonzero(accs >= TARGET)
-    return RunResult(
-        name,
-        np.arange(1, len(losses) + 1),
-        losses,
-        np.asarray(eval_steps),
-        accs,
-        int(eval_steps[hit[0]]) if hit.size else None,
-        time.perf_counter() - t0,
-    )
+    first = int(eval_steps[hit[0]]) if hit.size else None
+    steps, wall = np.arange(1, len(losses) + 1), time.perf_counter() - t0
+    return RunResult(name, steps, losses, np.asarray(eval_steps), accs, first, wall)
 
 
 def format_table(results) -> str:
