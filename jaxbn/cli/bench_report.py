@@ -112,9 +112,7 @@ def format_markdown(result) -> str:
         ]
         res = f"{r['residuals']['jaxbn']['full']:.1f} / {r['residuals']['flax']['full']:.1f}"
         lines.append(
-            f"| {tuple(r['shape'])}, {r['axis']} | {r['dtype']} | "
-            + " | ".join(cells)
-            + f" | {res} |"
+            f"| {tuple(r['shape'])}, {r['axis']} | {r['dtype']} | {' | '.join(cells)} | {res} |"
         )
     return "\n".join(lines)
 
