@@ -54,11 +54,8 @@ def init_state(num_features, dtype=jnp.float32) -> BatchNormState:
     """
     shape = feature_shape_of(num_features)
     dtype = check_state_dtype("dtype", dtype)
-    return BatchNormState(
-        mean=jnp.zeros(shape, dtype),
-        var=jnp.ones(shape, dtype),
-        count=jnp.zeros((), jnp.int32),
-    )
+    count = jnp.zeros((), jnp.int32)
+    return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype), count)
 
 
 def check_state(state, feature_shape: tuple[int, ...]):
