@@ -23,7 +23,7 @@ def usage() -> str:
         "       jaxbn --version",
         "",
     ]
-    lines += [f"  {name:<7}{help_}" for name, (_, help_, *_) in COMMANDS.items()]
+    lines += [f"  {name:<7}{help_}" for name, (help_, *_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -43,10 +43,10 @@ def main(argv=None) -> int:
         )
         print(usage(), file=sys.stderr)
         return 2
-    module_name, _, parser, _, _ = COMMANDS[name]
+    _, parser, _, _ = COMMANDS[name]
     parser().parse_args(rest)  # exits here on --help or a wrong option
     message = missing_message(name)
     if message is not None:
         print(message, file=sys.stderr)
         return 1
-    return importlib.import_module(module_name).main(rest)
+    return importlib.import_module(f"jaxbn.cli.{name}").main(rest)

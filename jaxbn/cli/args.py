@@ -99,24 +99,16 @@ def bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-# name: (module, one-line help, parser, (import name, distribution) it needs, extra)
+# name (module jaxbn.cli.NAME): (one-line help, parser, (import name, distribution) it needs, extra)
 COMMANDS = {
-    "check": (
-        "jaxbn.cli.check",
-        "hand-derived backward vs float64 autodiff on this backend",
-        check_parser,
-        (),
-        None,
-    ),
+    "check": ("hand-derived backward vs float64 autodiff on this backend", check_parser, (), None),
     "demo": (
-        "jaxbn.cli.demo",
         "train a small CNN on sklearn's digits with and without batch norm",
         demo_parser,
         (("optax", "optax"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")),
         "examples",
     ),
     "bench": (
-        "jaxbn.cli.bench",
         "benchmark against Flax and the memory-traffic floor",
         bench_parser,
         (("flax", "flax"),),
@@ -132,7 +124,7 @@ def _join(words) -> str:
 
 def missing_message(name: str) -> str | None:
     """What to install for command ``name``, or None when nothing is missing."""
-    _, _, _, needs, extra = COMMANDS[name]
+    _, _, needs, extra = COMMANDS[name]
     missing = [dist for module, dist in needs if importlib.util.find_spec(module) is None]
     if not missing:
         return None
