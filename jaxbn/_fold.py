@@ -117,7 +117,6 @@ def fold_linen(variables, pairs, *, eps: float = 1e-5):
     Raises:
       ValueError: if a path in ``pairs`` is not in the tree.
     """
-    out = dict(variables)
     params = _to_dict(variables["params"])
     stats = _to_dict(variables.get("batch_stats", {}))
     for layer_path, bn_path in pairs:
@@ -130,11 +129,9 @@ def fold_linen(variables, pairs, *, eps: float = 1e-5):
         )
         _pop(params, bn_path)
         _pop(stats, bn_path)
-    out["params"] = params
-    if stats:
-        out["batch_stats"] = stats
-    else:
-        out.pop("batch_stats", None)
+    out = dict(variables, params=params, batch_stats=stats)
+    if not stats:
+        del out["batch_stats"]
     return out
 
 
