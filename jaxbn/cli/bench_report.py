@@ -46,9 +46,8 @@ def median_of_runs(runs) -> dict:
     med = lambda values: float(np.median(list(values)))  # noqa: E731
     for i, row in enumerate(out["rows"]):
         rows = [r["rows"][i] for r in runs]
-        row["floor_ms"] = med(r["floor_ms"] for r in rows)
-        row["pass_gbps"] = med(r["pass_gbps"] for r in rows)
-        row["page_faults_per_call"] = med(r["page_faults_per_call"] for r in rows)
+        for key in ("floor_ms", "pass_gbps", "page_faults_per_call"):
+            row[key] = med(r[key] for r in rows)
         for m, per in row["modes"].items():
             for k, v in per.items():
                 for field in ("ms", "ms_min", "x_floor"):
