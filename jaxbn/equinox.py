@@ -354,11 +354,8 @@ class BatchNorm(eqx.nn.BatchNorm):
         first = state.get(self.ema_first_time_index)
         _, batch = train(None, None, running, momentum=0.0, custom_vjp=False)
         blend = update(running, batch.mean, batch.var, None, self.momentum)
-        stats = BatchNormState(
-            jax.lax.select(first, batch.mean, blend.mean),
-            jax.lax.select(first, batch.var, blend.var),
-            running.count,
-        )
+        mean, var = (jax.lax.select(first, b, e) for b, e in zip(batch[:2], blend[:2]))
+        stats = BatchNormState(mean, var, running.count)
         y, _ = batch_norm(x, self.weight, self.bias, stats, training=False, axis=axis, eps=self.eps)
         state = state.set(self.ema_first_time_index, jnp.array(False))
         state = state.set(self.ema_state_index, (stats.mean, stats.var))
