@@ -217,19 +217,14 @@ def _candidates(x, m, feature_axes):
         has = jnp.reshape(jnp.broadcast_to(has, kept), fshape)
     vals = []
     for p in positions:
-        if slices:  # static positions: slices, not gathers
-            idx = tuple(
-                (p // strides[red.index(a)]) % sizes[red.index(a)] if a in red else slice(None)
-                for a in range(x.ndim)
-            )
-        else:
+        if not slices:
             p = jnp.clip(jnp.asarray(p, jnp.int32), 0, None)
-            idx = tuple(
-                jnp.broadcast_to((p // strides[red.index(a)]) % sizes[red.index(a)], kept)
-                if a in red
-                else lax.broadcasted_iota(jnp.int32, kept, a)
-                for a in range(x.ndim)
-            )
+        at = {a: (p // st) % sz for a, st, sz in zip(red, strides, sizes)}  # p's coordinates
+        if slices:  # static positions: slices, not gathers
+            idx = tuple(at.get(a, slice(None)) for a in range(x.ndim))
+        else:
+            at |= {a: lax.broadcasted_iota(jnp.int32, kept, a) for a in feature_axes}
+            idx = tuple(jnp.broadcast_to(at[a], kept) for a in range(x.ndim))
         vals.append(jnp.reshape(_gather(x, idx).astype(dt), fshape))
     return vals, has
 
