@@ -102,12 +102,8 @@ def population_stats(
         num += 1
     if acc is None:
         raise ValueError("batches is empty; expected at least one batch.")
-    states = [
-        BatchNormState(
-            jnp.asarray(m, dtype), jnp.asarray(m2 / n, dtype), jnp.asarray(num, jnp.int32)
-        )
-        for n, m, m2 in acc
-    ]
+    stats = [(jnp.asarray(m, dtype), jnp.asarray(m2 / n, dtype)) for n, m, m2 in acc]
+    states = [BatchNormState(mean, var, jnp.asarray(num, jnp.int32)) for mean, var in stats]
     return jax.tree.unflatten(treedef, states)
 
 
