@@ -187,7 +187,5 @@ def fold_nnx(layer, bn):
     bias = None if layer.bias is None else layer.bias[...]
     kernel, bias = fold_batch_norm(layer.kernel[...], bias, scale, offset, state, eps=bn.epsilon)
     folded = nnx.clone(layer)
-    folded.kernel = nnx.Param(kernel)
-    folded.bias = nnx.Param(bias)
-    folded.use_bias = True
+    folded.kernel, folded.bias, folded.use_bias = nnx.Param(kernel), nnx.Param(bias), True
     return folded
