@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn._compat import InconclusiveDimensionOperation
+from jaxbn._stats import real_dtype
 
 
 def feature_shape_of(num_features, name="num_features", tuples=True) -> tuple[int, ...]:
@@ -125,9 +126,7 @@ def check_eps(eps, dtype=None) -> float:
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}.")
     if dtype is not None:
-        dt = jnp.promote_types(dtype, jnp.float32)
-        if jnp.issubdtype(dt, jnp.complexfloating):
-            dt = jnp.finfo(dt).dtype
+        dt = real_dtype(dtype)
         tiny = float(jnp.finfo(dt).tiny)
         if eps < tiny:
             raise ValueError(
