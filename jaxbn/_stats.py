@@ -157,9 +157,7 @@ def _explicitly_sharded(a) -> bool:
 
 def _split(r: int) -> int:
     """The largest divisor of ``r`` up to ``sqrt(r)`` (1 for ``r < 16``: nothing to gain)."""
-    if r < 16:
-        return 1
-    return max(d for d in range(1, math.isqrt(r) + 1) if r % d == 0)
+    return 1 if r < 16 else max(d for d in range(1, math.isqrt(r) + 1) if r % d == 0)
 
 
 def _reduce(operands, axes):
