@@ -111,9 +111,8 @@ def backward_sums(dy, x, shift, delta, rstd, feature_axes):
     """``(S1, S2)`` of this device, each sum over its own copies of its inputs."""
     (dy1, _, _), (dy2, x2, sh2) = copies((dy, x, shift), 2)
     delta, rstd = lax.optimization_barrier((delta, rstd))
-    s_dy = jnp.reshape(
-        jnp.sum(dy1.astype(rstd.dtype), reduced_axes(x.ndim, feature_axes)), rstd.shape
-    )
+    red = reduced_axes(x.ndim, feature_axes)
+    s_dy = jnp.reshape(jnp.sum(dy1.astype(rstd.dtype), red), rstd.shape)
     return s_dy, jnp.reshape(sum_dy_xc(dy2, x2, sh2, delta, rstd, s_dy, feature_axes), rstd.shape)
 
 
