@@ -18,11 +18,8 @@ from jaxbn.cli.args import COMMANDS, missing_message
 
 
 def usage() -> str:
-    lines = [
-        "usage: jaxbn COMMAND [options]   (jaxbn COMMAND --help for a command's options)",
-        "       jaxbn --version",
-        "",
-    ]
+    head = "usage: jaxbn COMMAND [options]   (jaxbn COMMAND --help for a command's options)"
+    lines = [head, "       jaxbn --version", ""]
     lines += [f"  {name:<7}{help_}" for name, (help_, *_) in COMMANDS.items()]
     return "\n".join(lines)
 
