@@ -8,6 +8,7 @@ reports what ran.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -21,10 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 JEMALLOC = [
-    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib64/libjemalloc.so.2",
-    "/usr/lib/libjemalloc.so.2",
+    f"{d}/libjemalloc.so.2"
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
 ]
 # With its default decay, jemalloc still took ~500 page faults per 16 MiB output here.
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -122,11 +121,8 @@ def _rerun(argv, name, env_changes, quiet=False) -> dict:
 def machine() -> dict:
     dev = jax.devices()[0]
     cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     try:
         import flax
 
