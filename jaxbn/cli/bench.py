@@ -340,8 +340,7 @@ def _main_children(argv, args, choice) -> int:
             print("jaxbn bench: no libjemalloc.so.2 (apt install libjemalloc2).", file=sys.stderr)
             return 2
         preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))
-        conf = os.environ.get("MALLOC_CONF", JEMALLOC_CONF)
-        env = {"LD_PRELOAD": preload, "MALLOC_CONF": conf}
+        env = {"LD_PRELOAD": preload, "MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF)}
         runs.append(_rerun(child_argv(argv), "jemalloc", env))
     if choice in ("glibc", "both"):
         unset = {k: None for k in os.environ if k == "LD_PRELOAD" or k.startswith("MALLOC_")}

@@ -256,8 +256,7 @@ def main(argv=None) -> int:
         train_cnn(data, use_bn=bn, epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
         for bn in (False, True)
     ]
-    print()
-    print(format_table(results))
+    print("\n" + format_table(results))
     print(f"(test accuracy in eval mode every {EVAL_EVERY} steps; wall time excludes compilation)")
     plot_curves(results, args.out)
     print(f"\nlearning curves: {os.path.abspath(args.out)}")
