@@ -215,9 +215,8 @@ class BatchNorm(eqx.nn.BatchNorm):
             self.batch_counter = eqx.nn.StateIndex(jnp.zeros((), jnp.int32))
             stats = (jnp.zeros(shape, stats_dtype), jnp.ones(shape, stats_dtype))
             self.batch_state_index = eqx.nn.StateIndex(stats)
-        if isinstance(axis_name, list):  # a sequence of names, as Equinox takes; JAX's is a tuple
-            axis_name = tuple(axis_name)
-        self.axis_name = axis_name
+        # a sequence of names, as Equinox takes; JAX's is a tuple
+        self.axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
         self.inference = inference
         self.input_size = input_size
         self.eps = _checks.check_eps(eps)
@@ -293,8 +292,7 @@ class BatchNorm(eqx.nn.BatchNorm):
             ``axis_name``.
         """
         del key
-        if inference is None:
-            inference = self.inference
+        inference = self.inference if inference is None else inference
         if not isinstance(inference, (bool, np.bool_)):
             raise TypeError(
                 f"inference must be a Python bool (static, as for Equinox's layer), got "
