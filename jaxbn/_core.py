@@ -249,11 +249,9 @@ def forward(spec: Spec, x, gamma, beta, residual=None, mask=None, renorm=None, f
     res = BatchNormResiduals(x, mo.shift, mo.delta, rstd, gamma, mask, mo.count, r, d)
     if spec.keep == "z":  # u comes from z (and r): x is not needed
         saved = Saved(res._replace(x=z), beta, None, residual)
-    else:
-        sign = None
-        if residual is not None and spec.activation != "identity":
-            sign = _sign(spec, p)
-        saved = Saved(res, beta, sign, None)
+    else:  # with a residual, p is not recomputed from x: its sign is kept
+        keep_sign = residual is not None and spec.activation != "identity"
+        saved = Saved(res, beta, _sign(spec, p) if keep_sign else None, None)
     return (z, mo.mean, mo.var, mo.count), saved
 
 
