@@ -123,7 +123,5 @@ def compare(runs) -> str:
         cells = [
             f"{m} " + "|".join(f"{r['ratio_vs_flax'][m]['jaxbn']:.2f}" for r in rows) for m in MODES
         ]
-        lines.append(
-            f"  {str(tuple(rows[0]['shape'])):<20}{rows[0]['dtype']:<9}" + "  ".join(cells)
-        )
+        lines.append(f"  {str(tuple(rows[0]['shape'])):<20}{rows[0]['dtype']:<9}{'  '.join(cells)}")
     return "\n".join(lines)
