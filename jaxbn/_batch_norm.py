@@ -110,9 +110,8 @@ def normalize(
     if size and seen is None:  # the mean of the groups' statistics
         mean, var = jnp.mean(mean, 0), jnp.mean(var, 0)
     elif size:  # ... over the groups that saw a value of the feature
-        w = count > 0
-        mean, var = (jnp.sum(v * w, 0) / jnp.maximum(jnp.sum(w, 0), 1) for v in (mean, var))
-        seen = jnp.any(w, 0)
+        mean, var = (jnp.sum(v * seen, 0) / jnp.maximum(jnp.sum(seen, 0), 1) for v in (mean, var))
+        seen = jnp.any(seen, 0)
     return y, update(state, mean, var, seen, momentum)
 
 

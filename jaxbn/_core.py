@@ -365,8 +365,7 @@ _dx_pp = differentiable_per_platform(_dx_cpu, _dx)
 def backward(spec: Spec, saved: Saved, cotangents):
     """``(dx, dgamma, dbeta, dr)`` from the rule's residuals and ``(dz, dmean, dvar[, dn])``."""
     dz, dmean, dvar = cotangents[:3]  # the count's cotangent, if any, is ignored
-    res = saved.res
-    rstd = res.rstd
+    res, rstd = saved.res, saved.res.rstd
     scale = _scale_offset(res.gamma, saved.beta, res.r, res.d, rstd.dtype)[0]
     a = rstd if scale is None else rstd * scale.astype(rstd.dtype)
     s1, s2 = _sums_pp(spec, dz, saved)
