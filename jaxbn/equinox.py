@@ -12,6 +12,7 @@ core: it holds no arithmetic.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from collections.abc import Hashable, Sequence
@@ -316,7 +317,11 @@ class BatchNorm(eqx.nn.BatchNorm):
                 x, self.weight, self.bias, running, training=False, axis=axis, eps=self.eps
             )
             return y, state
-        options: dict[str, Any] = dict(
+        train = functools.partial(  # train(weight, bias, running); one value per channel: y = bias
+            normalize,
+            x,
+            training=True,
+            one_value=True,
             axis=axis,
             momentum=self.momentum,
             eps=self.eps,
@@ -324,12 +329,6 @@ class BatchNorm(eqx.nn.BatchNorm):
             unbiased_running_var=self.unbiased_running_var,
             custom_vjp=self.custom_vjp,
         )
-
-        def train(weight, bias, running, **changes):  # one value per channel: y = bias
-            return normalize(
-                x, weight, bias, running, training=True, one_value=True, **(options | changes)
-            )
-
         if self.mode == "ema":
             return self._ema(x, state, running, train, axis)
         assert self.batch_state_index is not None and self.batch_counter is not None
