@@ -358,10 +358,9 @@ def batch_norm_fwd(
       x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask: as for :func:`batch_norm`.
 
     Returns:
-      ``((y, mean, var, count), residuals)``: the normalized output, the batch
-      mean and biased variance (feature shape, float32 or wider), the number of
-      values counted, and the
-      :class:`BatchNormResiduals` that :func:`batch_norm_bwd` takes.
+      ``((y, mean, var, count), residuals)``: the normalized output, the batch mean and
+      biased variance (feature shape, float32 or wider), the number of values counted,
+      and the :class:`BatchNormResiduals` that :func:`batch_norm_bwd` takes.
     """
     spec, x, gamma, beta, mask = _spec_and_inputs(
         x, gamma, beta, axis, eps, axis_name, axis_index_groups, mask

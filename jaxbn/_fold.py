@@ -107,12 +107,11 @@ def fold_linen(variables, pairs, *, eps: float = 1e-5):
       eps: the batch norms' epsilon.
 
     Returns:
-      The variables of the same model without the folded batch norms: each layer
-      gets the folded kernel and a bias (the folded model must have
-      ``use_bias=True`` on those layers), each folded batch norm's entries are
-      dropped, and everything else is kept, including the ``batch_stats`` of
-      batch norms not in ``pairs`` (a collection left empty is dropped). The
-      input is not modified.
+      The variables of the same model without the folded batch norms: each layer gets
+      the folded kernel and a bias (the folded model must have ``use_bias=True`` on
+      those layers), each folded batch norm's entries are dropped, and everything else
+      is kept, including the ``batch_stats`` of batch norms not in ``pairs`` (a
+      collection left empty is dropped). The input is not modified.
 
     Raises:
       ValueError: if a path in ``pairs`` is not in the tree.

@@ -1,11 +1,10 @@
 """The one place where jaxbn's program depends on the platform.
 
 jaxbn computes the same mathematics everywhere. Two computations have an
-XLA:CPU-specific form (``jaxbn._cpu``): the batch statistics and the backward's
-passes. Every other platform gets the clean program (``jaxbn._stats``,
-``jaxbn._core``); on GPUs (CUDA, ROCm) its column sums are split in two steps, which
-XLA:GPU needs to fuse them and a TPU would pay a relayout for
-(``jaxbn._stats.variadic_sum``).
+XLA:CPU-specific form (``jaxbn._cpu``): the batch statistics and the backward's passes.
+Every other platform gets the clean program (``jaxbn._stats``, ``jaxbn._core``); on GPUs
+(CUDA, ROCm) its column sums are split in two steps, which XLA:GPU needs to fuse them
+and a TPU would pay a relayout for (``jaxbn._stats.variadic_sum``).
 
 The choice is ``lax.platform_dependent``: every form is traced, and the one for the
 platform is chosen when the program is lowered. Lowered for one platform, the

@@ -1,13 +1,12 @@
 """``jaxbn.equinox.BatchNorm``: a replacement for ``equinox.nn.BatchNorm``.
 
 Change one import and the model keeps its constructor, fields, call signature
-``(x, state, *, key=None, inference=None) -> (y, state)``, its ``eqx.nn.State``
-layout (``batch_counter``, ``batch_state_index`` in ``mode="batch"``;
-``ema_first_time_index``, ``ema_state_index`` in ``"ema"``; leaves serialise both
-ways), its default mode with its warning, and ``eqx.nn.inference_mode``; the
-normalization underneath is :func:`jaxbn.batch_norm`.
-This module reads and writes the state, picks training or inference and calls the
-core: it holds no arithmetic.
+``(x, state, *, key=None, inference=None) -> (y, state)``, its ``eqx.nn.State`` layout
+(``batch_counter``, ``batch_state_index`` in ``mode="batch"``; ``ema_first_time_index``,
+``ema_state_index`` in ``"ema"``; leaves serialise both ways), its default mode with its
+warning, and ``eqx.nn.inference_mode``; the normalization underneath is
+:func:`jaxbn.batch_norm`. This module reads and writes the state, picks training or
+inference and calls the core: it holds no arithmetic.
 """
 
 from __future__ import annotations
@@ -100,13 +99,12 @@ class BatchNorm(eqx.nn.BatchNorm):
       only layout) or -1 for channel-last (any int).
     - **Running statistics are kept in at least float32**: a ``dtype`` below
       float32 applies to ``weight`` and ``bias`` only.
-    - **Arguments are checked before tracing**: ``x`` must have ``input_size``
-      channels along ``axis`` and be real and floating, and training needs a
-      value per channel (exactly one, a batch of one example without spatial
-      positions, gives ``y = bias`` as in Equinox, where :func:`jaxbn.batch_norm`
-      itself raises); ``eps`` must be finite and > 0, ``momentum`` in
-      ``[0, 1]`` or None. An unbound ``axis_name`` in training raises
-      :class:`UnboundAxisNameError`, a ``NameError`` as in Equinox and a
+    - **Arguments are checked before tracing**: ``x`` must have ``input_size`` channels
+      along ``axis`` and be real and floating, and training needs a value per channel
+      (exactly one, a batch of one example without spatial positions, gives ``y = bias``
+      as in Equinox, where :func:`jaxbn.batch_norm` itself raises); ``eps`` must be
+      finite and > 0, ``momentum`` in ``[0, 1]`` or None. An unbound ``axis_name`` in
+      training raises :class:`UnboundAxisNameError`, a ``NameError`` as in Equinox and a
       ``ValueError``.
     - **More fields**, keyword-only with defaults that keep Equinox's behaviour:
       ``axis``, ``unbiased_running_var`` and ``custom_vjp``; ``momentum=None``

@@ -147,12 +147,11 @@ class BatchNorm(nn.BatchNorm):
       custom_vjp: differentiate training with jaxbn's hand-derived backward
         (default); False uses JAX's autodiff of the same computation, which
         forward mode (``jax.jvp``, ``jax.jacfwd``) needs.
-      activation: None (default: batch norm alone), or ``"relu"``,
-        ``"leaky_relu"`` or ``"identity"``: the module returns
-        ``activation(y + residual)`` computed by :func:`jaxbn.batch_norm_act`,
-        whose backward does not write ``dL/dy`` (but on CPU, keeping ``x``). The
-        variables are the same, so a checkpoint of ``BatchNorm`` followed by
-        ``nn.relu`` loads into
+      activation: None (default: batch norm alone), or ``"relu"``, ``"leaky_relu"`` or
+        ``"identity"``: the module returns ``activation(y + residual)`` computed by
+        :func:`jaxbn.batch_norm_act`, whose backward does not write ``dL/dy`` (but on
+        CPU, keeping ``x``). The variables are the same, so a checkpoint of
+        ``BatchNorm`` followed by ``nn.relu`` loads into
         ``BatchNorm(activation="relu")`` (same auto-name too).
       negative_slope: leaky_relu's slope for negative inputs (> 0; default 0.01,
         ``nn.leaky_relu``'s).

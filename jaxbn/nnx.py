@@ -49,10 +49,9 @@ class BatchNorm(nnx.BatchNorm):
         y = scale * (x - mean) / sqrt(var + epsilon) + bias
         self.mean = momentum * self.mean + (1 - momentum) * mean
 
-    (the same for ``var``, the biased batch variance); in evaluation
-    (``model.eval()``) the running statistics are used and left unchanged.
-    ``axis`` names the *feature* axes (kept) and ``momentum`` is the weight on
-    the old value, both as in Flax.
+    (the same for ``var``, the biased batch variance); in evaluation (``model.eval()``)
+    the running statistics are used and left unchanged. ``axis`` names the *feature*
+    axes (kept) and ``momentum`` is the weight on the old value, both as in Flax.
 
     Differences from Flax, all in what is computed, none in the interface:
 

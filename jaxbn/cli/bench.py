@@ -2,18 +2,17 @@
 
 Batch norm is memory-bound, so each time is also a multiple of its minimal traffic
 ("xfloor"): a jitted per-feature ``x * a + b`` (one read, one write) in the same run
-gives the time of one pass over ``x``, and a mode that must move ``k`` passes is
-divided by ``k`` of them: training forward 3, eval 2, backward 5, forward + backward
-8 (XLA:CPU does not fuse sibling reductions, so about 4 is the realistic training
-forward there). "fb+relu" is forward + backward with a relu between the
-normalization and the loss, the usual BN -> ReLU: ``dy`` is then computed, where
-"fwd+bwd" gets it for free, and its own traffic narrows jaxbn's lead. "fused+relu" is
-the same loss with jaxbn's :func:`jaxbn.batch_norm_act` (the relu inside the
-normalization's backward, no ``dy`` written) against the others' BN then relu. Competitors
-run interleaved in one process, the calls of one mode adjacent, and the caches are
-evicted before each call (else the order decides who finds ``x`` in a 32 MiB L3);
-each time is the median of ``--reps`` calls after ``--warmup`` calls, and each ratio
-the median of the per-round ratios.
+gives the time of one pass over ``x``, and a mode that must move ``k`` passes is divided
+by ``k`` of them: training forward 3, eval 2, backward 5, forward + backward 8 (XLA:CPU
+does not fuse sibling reductions, so about 4 is the realistic training forward there).
+"fb+relu" is forward + backward with a relu between the normalization and the loss, the
+usual BN -> ReLU: ``dy`` is then computed, where "fwd+bwd" gets it for free, and its own
+traffic narrows jaxbn's lead. "fused+relu" is the same loss with jaxbn's
+:func:`jaxbn.batch_norm_act` (the relu inside the normalization's backward, no ``dy``
+written) against the others' BN then relu. Competitors run interleaved in one process,
+the calls of one mode adjacent, and the caches are evicted before each call (else the
+order decides who finds ``x`` in a 32 MiB L3); each time is the median of ``--reps``
+calls after ``--warmup`` calls, and each ratio the median of the per-round ratios.
 
 Residuals are the buffers a ``jax.vjp`` closure keeps for the backward (deduplicated
 by address), as a multiple of ``x.nbytes``: "full" counts the buffers with as many
