@@ -291,11 +291,10 @@ def check_renorm(renorm):
             isinstance(v, numbers.Real) or hasattr(v, "dtype")
         ):
             raise TypeError(f"renorm {name} must be a number or a scalar array, got {v!r}.")
-        if hasattr(v, "dtype") and not jnp.issubdtype(v.dtype, jnp.floating):
-            if not jnp.issubdtype(v.dtype, jnp.integer):
-                raise TypeError(
-                    f"renorm {name} must be a real number or scalar array, got dtype {v.dtype}."
-                )
+        if hasattr(v, "dtype") and (jnp.iscomplexobj(v) or not jnp.issubdtype(v.dtype, jnp.number)):
+            raise TypeError(
+                f"renorm {name} must be a real number or scalar array, got dtype {v.dtype}."
+            )
         if isinstance(v, numbers.Real) and not isinstance(v, bool):
             if not (math.isfinite(v) and v >= low):
                 raise ValueError(
