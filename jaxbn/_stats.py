@@ -23,37 +23,34 @@ off by at most ``g S2`` (positive terms; the scalings by 1/2 and the rounded
     |err var| <= g (var + d**2) + 2 |d| g sqrt(var + d**2) + u d**2
               <= 4 g (var + d**2),   so   |err var| / var <= 4 g (1 + (mean - s)**2 / var)
 
-The bound does not depend on ``|mean|``, only on how far the shift lies from the mean
-in standard deviations: a value of the batch is a few of them away, and ``s`` is the
-median of three (see :func:`shift_of`), so one outlier among them is never the shift.
-It grows as ``(mean - s)**2 / var <= n - 1`` (Samuelson's inequality) only for a shift
-that is itself an extreme outlier. Flax's formula (``s = 0``) has ``(mean / std)**2``
-there instead. Measured in float32 (4096 rows, offsets up to 1e6 std, a 3000-std
-first row): within 3.4e-5 relative when XLA:CPU runs this program (its variadic
-reduce is one sequential loop, ``g ~ sqrt(n) u``), 3.4e-7 for ``jaxbn._cpu``'s.
-``mean`` is off by ``g sqrt(var + d**2)``, i.e. ``g`` standard deviations times the
-same factor, and ``x - mean`` is taken as ``(x - shift) - delta``: rounding the mean
-to one float alone would be off by 0.03 std at a 1e6 offset. A constant feature
-gives ``h == 0`` exactly, hence ``var == 0``, ``delta == 0`` and an output of
-exactly ``beta``.
+The bound does not depend on ``|mean|``, only on how far the shift lies from the mean in
+standard deviations: a value of the batch is a few of them away, and ``s`` is the median
+of three (see :func:`shift_of`), so one outlier among them is never the shift. It grows
+as ``(mean - s)**2 / var <= n - 1`` (Samuelson's inequality) only for a shift that is
+itself an extreme outlier. Flax's formula (``s = 0``) has ``(mean / std)**2`` there
+instead. Measured in float32 (4096 rows, offsets up to 1e6 std, a 3000-std first row):
+within 3.4e-5 relative when XLA:CPU runs this program (its variadic reduce is one
+sequential loop, ``g ~ sqrt(n) u``), 3.4e-7 for ``jaxbn._cpu``'s. ``mean`` is off by
+``g sqrt(var + d**2)``, i.e. ``g`` standard deviations times the same factor, and
+``x - mean`` is taken as ``(x - shift) - delta``: rounding the mean to one float alone
+would be off by 0.03 std at a 1e6 offset. A constant feature gives ``h == 0`` exactly,
+hence ``var == 0``, ``delta == 0`` and an output of exactly ``beta``.
 
-Range. Every term is finite for finite ``x``: ``h`` is a difference of halves, and
-each square is divided by ``N`` before it is summed, so ``S1`` and ``S2`` overflow only
-where ``|mean - s|`` or ``msq`` is beyond the dtype's range. Where ``msq`` overflows,
-``var`` is ``inf`` and that feature's output is ``beta`` (never NaN). That loses the
-variance only where ``msq = var + (mean - s)**2`` exceeds the range while ``var``
-does not: with ``s`` a value of the batch, ``var > msq / n``, so within a factor ``n``
-of the dtype's maximum (above 3.4e38 / n in float32). An earlier form kept that band
-with a second pair of sums of ``x * 2**-64``; a reduce of four operands is not fused
-by XLA:GPU for NHWC and ``(N, D)`` (11 S instead of 3 S for a training forward), so
-the band was given up for the common case's bytes. Squares below the smallest
-normal number (``|x - s| < 1e-19 sqrt(N)`` in float32) round towards 0, as
-``var + eps`` does anyway.
+Range. Every term is finite for finite ``x``: ``h`` is a difference of halves, and each
+square is divided by ``N`` before it is summed, so ``S1`` and ``S2`` overflow only where
+``|mean - s|`` or ``msq`` is beyond the dtype's range. Where ``msq`` overflows, ``var``
+is ``inf`` and that feature's output is ``beta`` (never NaN). That loses the variance
+only where ``msq = var + (mean - s)**2`` exceeds the range while ``var`` does not: with
+``s`` a value of the batch, ``var > msq / n``, so within a factor ``n`` of the dtype's
+maximum (above 3.4e38 / n in float32). An earlier form kept that band with a second pair
+of sums of ``x * 2**-64``; a reduce of four operands is not fused by XLA:GPU for NHWC
+and ``(N, D)`` (11 S instead of 3 S for a training forward), so the band was given up
+for the common case's bytes. Squares below the smallest normal number
+(``|x - s| < 1e-19 sqrt(N)`` in float32) round towards 0, as ``var + eps`` does anyway.
 
-Across devices (``axis_name``), ``s`` is the value of the first device that holds
-one (a ``pmin`` and a ``psum`` of feature vectors), so one shift serves all, and the
-sums and counts are psum'd: unequal per-device counts are weighted exactly. Counts
-are int32.
+Across devices (``axis_name``), ``s`` is the value of the first device that holds one (a
+``pmin`` and a ``psum`` of feature vectors), so one shift serves all, and the sums and
+counts are psum'd: unequal per-device counts are weighted exactly. Counts are int32.
 """
 
 from __future__ import annotations
