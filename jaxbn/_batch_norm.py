@@ -38,6 +38,7 @@ def _spec_and_inputs(
     gamma = _checks.check_per_feature("gamma", gamma, fshape, x)
     beta = _checks.check_per_feature("beta", beta, fshape, x)
     mask = _checks.check_mask(mask, x.shape)
+    axis_name = _checks.check_axis_name(axis_name)
     groups = _checks.check_groups(axis_index_groups, axis_name)
     spec = Spec(axes, _checks.check_eps(eps, x.dtype), axis_name, groups, **act)
     return spec, x, gamma, beta, mask

@@ -207,6 +207,19 @@ def axis_size(axis_name, groups) -> int:
     return min(len(g) for g in groups)  # groups may differ in size, as JAX's psum allows
 
 
+def check_axis_name(axis_name):
+    """None, a name or a tuple of names: static configuration, so hashable."""
+    try:
+        hash(axis_name)
+    except TypeError:
+        raise TypeError(
+            f"axis_name must be None, a name or a tuple of names (it is static "
+            f"configuration, so hashable), got {axis_name!r} of type "
+            f"{type(axis_name).__name__}."
+        ) from None
+    return axis_name
+
+
 def check_groups(axis_index_groups, axis_name):
     """The groups as a tuple of tuples (static configuration), or None."""
     if axis_index_groups is None:

@@ -119,6 +119,11 @@ def bn(x=X, gamma=G, beta=B, state=S, **kw):
             ValueError,
             r"axis_index_groups was given without axis_name",
         ),
+        (
+            {"axis_name": ["i"]},
+            TypeError,
+            r"axis_name must be None, a name or a tuple of names .* got \['i'\] of type list",
+        ),
     ],
 )
 def test_bad_argument_messages(kwargs, exc, match):
