@@ -198,3 +198,30 @@ def test_export_with_a_symbolic_batch():
     x = jnp.asarray(np.random.RandomState(2).randn(10, 6) + 4, jnp.float32)
     for a, w in zip(jax.tree.leaves(exp.call(x)), jax.tree.leaves(f(x))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
+def test_the_rule_is_traced_once_per_configuration(monkeypatch):
+    # JAX caches a jitted function's trace and its vmap and gradient: a model's
+    # same-shaped layers, or a program traced again, reuse the rule's (its platform
+    # forms and their conds make it many times a plain jnp batch norm's trace)
+    calls = []
+    forward = jaxbn._core.forward
+    monkeypatch.setattr(
+        jaxbn._core, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+    )
+    x, g, b, _ = problem((23, 17))  # a shape no other test traces
+    xs, w = jnp.stack([x, 2 * x]), jnp.stack([x, -x])
+    s = jax.vmap(lambda _: jaxbn.init_state(17))(jnp.arange(2))
+
+    def program():  # a new function each time, so jit's own cache cannot serve it
+        def loss(x, s, w):
+            y, new = jaxbn.batch_norm(x, g, b, s, training=True)
+            return jnp.sum(y * w), new
+
+        return jax.vmap(jax.value_and_grad(loss, has_aux=True))
+
+    jax.make_jaxpr(program())(xs, s, w)
+    assert calls, "the rule was not traced"
+    traced = len(calls)
+    jax.make_jaxpr(program())(xs, s, w)
+    assert len(calls) == traced
