@@ -1,10 +1,11 @@
-"""What ``jaxbn.linen``, ``jaxbn.nnx`` and ``jaxbn.equinox`` share: how a module calls the core.
+"""How ``jaxbn.linen``'s and ``jaxbn.nnx``'s modules call the core with their fields.
 
-The modules accept a batch with one value per feature (``x`` of shape ``(1, C)``, or
-one unbatched example, as ``nnx.tabulate``, per-example ``vmap`` and ``bind`` give
-them), as Flax's and Equinox's do: the batch's variance is 0, so the output is
-``bias`` and the running statistics move toward ``x`` and 0 (the core's
-``one_value=True``). Nothing here imports flax.
+These modules, and ``jaxbn.equinox``'s (which calls the same ``normalize``), accept a
+batch with one value per feature (``x`` of shape ``(1, C)``, or one unbatched example,
+as ``nnx.tabulate``, per-example ``vmap`` and ``bind`` give them), as Flax's and
+Equinox's do: the batch's variance is 0, so the output is ``bias`` and the running
+statistics move toward ``x`` and 0 (the core's ``one_value=True``). Nothing here imports
+flax.
 """
 
 from __future__ import annotations
