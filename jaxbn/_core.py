@@ -383,7 +383,7 @@ def backward(spec: Spec, saved: Saved, cotangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def train(spec: Spec, x, gamma, beta, residual, mask, renorm, fallback):
+def _rule(spec: Spec, x, gamma, beta, residual, mask, renorm, fallback):
     """The training forward with the rule above as its reverse-mode derivative."""
     return forward(spec, x, gamma, beta, residual, mask, renorm, fallback)[0]
 
@@ -401,9 +401,9 @@ def _train_bwd(spec, saved, cotangents):
     return dx, dgamma, dbeta, dr if spec.residual else None, None, zeros(renorm), zeros(fallback)
 
 
-train.defvjp(_train_fwd, _train_bwd)
-# Traced once per spec and argument types, as jax.nn's functions are: JAX caches the
+_rule.defvjp(_train_fwd, _train_bwd)
+# ``train``: the rule traced once per spec and argument types, as jax.nn's functions are: JAX caches the
 # trace and its transformations (vmap, jvp, transpose), so a model whose layers share
 # shapes, or a program traced again, pays for the rule (its platform forms and their
 # conds) once; XLA inlines the call before compiling.
-train = jax.jit(train, static_argnums=0)
+train = jax.jit(_rule, static_argnums=0)

@@ -12,6 +12,7 @@ from reference import (
 )
 
 import jaxbn
+from jaxbn import _core
 
 
 def test_jit_equals_eager():
@@ -205,10 +206,8 @@ def test_the_rule_is_traced_once_per_configuration(monkeypatch):
     # same-shaped layers, or a program traced again, reuse the rule's (its platform
     # forms and their conds make it many times a plain jnp batch norm's trace)
     calls = []
-    forward = jaxbn._core.forward
-    monkeypatch.setattr(
-        jaxbn._core, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
-    )
+    forward = _core.forward
+    monkeypatch.setattr(_core, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     x, g, b, _ = problem((23, 17))  # a shape no other test traces
     xs, w = jnp.stack([x, 2 * x]), jnp.stack([x, -x])
     s = jax.vmap(lambda _: jaxbn.init_state(17))(jnp.arange(2))
