@@ -402,8 +402,8 @@ def _train_bwd(spec, saved, cotangents):
 
 
 _rule.defvjp(_train_fwd, _train_bwd)
-# ``train``: the rule traced once per spec and argument types, as jax.nn's functions are: JAX caches the
-# trace and its transformations (vmap, jvp, transpose), so a model whose layers share
-# shapes, or a program traced again, pays for the rule (its platform forms and their
-# conds) once; XLA inlines the call before compiling.
+# ``train``: the rule, traced once per spec and argument types as jax.nn's functions are.
+# JAX caches the trace and its transformations (vmap, jvp, transpose), so a model whose
+# layers share shapes, or a program traced again, pays for the rule (its platform forms
+# and their conds) once; XLA inlines the call before compiling.
 train = jax.jit(_rule, static_argnums=0)
