@@ -201,14 +201,16 @@ def test_export_with_a_symbolic_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-6, atol=1e-6)
 
 
-def test_the_rule_is_traced_once_per_configuration(monkeypatch):
+def test_the_rule_is_traced_once_per_configuration(monkeypatch, clean_program):
     # JAX caches a jitted function's trace and its vmap and gradient: a model's
     # same-shaped layers, or a program traced again, reuse the rule's (its platform
-    # forms and their conds make it many times a plain jnp batch norm's trace)
+    # forms and their conds make it many times a plain jnp batch norm's trace); the
+    # clean program is another configuration (use_clean_program is in jit's cache key)
     calls = []
     forward = _core.forward
     monkeypatch.setattr(_core, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    x, g, b, _ = problem((23, 17))  # a shape no other test traces
+    jax.clear_caches()  # no earlier test's trace of these shapes
+    x, g, b, _ = problem((23, 17))
     xs, w = jnp.stack([x, 2 * x]), jnp.stack([x, -x])
     s = jax.vmap(lambda _: jaxbn.init_state(17))(jnp.arange(2))
 
@@ -224,3 +226,6 @@ def test_the_rule_is_traced_once_per_configuration(monkeypatch):
     traced = len(calls)
     jax.make_jaxpr(program())(xs, s, w)
     assert len(calls) == traced
+    with clean_program():
+        jax.make_jaxpr(program())(xs, s, w)
+    assert len(calls) > traced, "the clean program reused the platform program's trace"
