@@ -27,7 +27,9 @@ import re
 
 import griffe
 
-_ARGS = re.compile(r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Other Parameters):\s*$")
+_ARGS = re.compile(
+    r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Other Parameters|Attributes):\s*$"
+)
 _NAME = re.compile(r"^\*{0,2}[A-Za-z_]\w*$")
 _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|obj|data|exc|const):`(~?)([^`]+)`")
 

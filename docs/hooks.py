@@ -1,202 +1,194 @@
-"""mkdocs hooks: the README's sections as pages, the stored notebooks, an optional page.
+"""mkdocs hooks: the notebooks, executed; one name for the benchmark command.
 
-The README stays the one source of its text: ``README.md`` is split at its ``## ``
-headings when the site is built. The part before the first one is the home page
-(``index.md``); each section becomes a page named after its heading's anchor
-(``## Quickstart`` -> ``quickstart.md``), its headings raised one level, listed in the
-nav after the home page in the README's order. Links between
-README sections (``[...](#anchor)``) are pointed at the page that now holds the anchor,
-and ``mkdocs build --strict`` fails on any that does not resolve.
+**The notebooks** in ``notebooks/`` become the pages ``notebooks/NAME.ipynb``, which
+mkdocs-jupyter renders. They are committed without outputs (``tests/test_notebooks.py``
+keeps them so), so the build executes each one, in a fresh Jupyter kernel in
+``notebooks/`` with a user's environment, as ``tests/test_notebooks.py`` does, and the
+pages show every figure and printed table. An error in a cell fails the build.
 
-The notebooks in ``notebooks/`` are added as ``notebooks/NAME.ipynb`` pages, which
-mkdocs-jupyter renders as stored (the docs build never executes them). Their table of
-contents and title are then rebuilt from the rendered headings: mkdocs-jupyter's drop
-the code in a heading (``Timing under `jit` `` became "Timing under", linked to an
-anchor that does not exist). A notebook stored without outputs says so at its top.
+Executed copies are kept in ``build/notebooks/`` (git-ignored), named by a hash of what
+their outputs depend on: the notebook, jaxbn's sources and the versions of the packages
+it imports. A build whose inputs did not change (``mkdocs serve`` after editing a page)
+reuses them; a changed notebook or jaxbn runs again. The notebooks run two at a time,
+slowest first. ``JAXBN_DOCS_EXECUTE=0`` renders them as stored, without outputs, and
+says so on each page (a quick build to read the prose).
 
-``api/equinox.md`` documents ``jaxbn.equinox``; while that module does not exist in
-the tree, the page is left out of the site and the nav.
+The notebooks' tables of contents and titles are rebuilt from the rendered headings:
+mkdocs-jupyter's drop the code in a heading (``Timing under `jit` `` became "Timing
+under", linked to an anchor that does not exist).
+
+**The benchmark command** is written ``{{ bench }}`` in the pages and replaced with
+``extra.bench`` of ``mkdocs.yml``, its one spelling: renaming the command changes one
+line. A page that still holds ``{{ ... }}`` after that fails the build.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import html as html_lib
+import importlib.metadata
 import json
+import os
 import re
+import sys
+import time
 from pathlib import Path
 
-from markdown.extensions.toc import slugify
-from mkdocs.plugins import event_priority
+from mkdocs.exceptions import PluginError
+from mkdocs.plugins import event_priority, get_plugin_logger
 from mkdocs.structure.files import File, Files
 from mkdocs.structure.toc import get_toc
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 NOTEBOOKS = ROOT / "notebooks"
+CACHE = ROOT / "build" / "notebooks"
+# what a notebook's outputs depend on besides its own cells and jaxbn's sources
+PACKAGES = ("jax", "jaxlib", "numpy", "flax", "optax", "scikit-learn", "matplotlib")
+SLOWEST_FIRST = ("02_", "03_", "01_", "04_", "05_")  # as tests/conftest.py orders them
+HANG_GUARD_S = 1800  # per cell, as tests/test_notebooks.py
+# the test suite's settings, which a user's kernel does not have (tests/conftest.py)
+_NOT_A_USERS = ("XLA_FLAGS", "MPLBACKEND", "JAX_COMPILATION_CACHE_DIR")
 
-_FENCE = re.compile(r"^\s*(```|~~~)")
-_HEADING = re.compile(r"^(#{1,6}) +(.+?)\s*#*\s*$")
-_ANCHOR_LINK = re.compile(r"\]\(#([^)\s]+)\)")
 _HTML_HEADING = re.compile(r'<h([1-6])\b[^>]*\bid="([^"]+)"[^>]*>(.*?)</h\1>', re.S)
 _PERMALINK = re.compile(r'<a class="(?:anchor-link|headerlink)".*?</a>', re.S)
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
-# Pages that exist only when a module is in the tree: page -> (module file, package dir).
-OPTIONAL_PAGES = {"api/equinox.md": ("jaxbn/equinox.py", "jaxbn/equinox")}
-
-
-def _heading_slug(text: str) -> str:
-    """The anchor Python-Markdown's ``toc`` gives a heading (code marks removed)."""
-    return slugify(text.replace("`", ""), "-")
+log = get_plugin_logger("jaxbn")
 
 
-def _outside_fences(lines):
-    """Yields ``(index, line, in_fence)`` for each line, tracking fenced code blocks."""
-    fence = None
-    for i, line in enumerate(lines):
-        m = _FENCE.match(line)
-        if m and fence is None:
-            fence = m.group(1)
-            yield i, line, True
-        elif m and line.strip().startswith(fence):
-            fence = None
-            yield i, line, True
-        else:
-            yield i, line, fence is not None
+# --- the notebooks, executed ---
 
 
-def split_readme(text: str) -> list[tuple[str, str, str]]:
-    """README text -> ``[(page path, title, markdown), ...]``, the home page first.
-
-    Sections split at ``## `` headings outside code blocks; each section's headings
-    move up one level (``##`` -> ``#``) and its ``(#anchor)`` links to anchors of other
-    sections become links to the page that holds them.
-    """
-    lines = text.splitlines()
-    starts = [0]  # line index where each page starts
-    for i, line, fenced in _outside_fences(lines):
-        if not fenced and line.startswith("## "):
-            starts.append(i)
-    starts.append(len(lines))
-
-    pages = []  # (path, title, lines)
-    anchors = {}  # heading anchor -> (page path, is the page's title)
-    for k in range(len(starts) - 1):
-        chunk = lines[starts[k] : starts[k + 1]]
-        if k == 0:
-            path, title = "index.md", None
-        else:
-            title = chunk[0][3:].strip()
-            path = _heading_slug(title) + ".md"
-        out = []
-        for _, line, fenced in _outside_fences(chunk):
-            m = None if fenced else _HEADING.match(line)
-            if m:
-                level, heading = len(m.group(1)), m.group(2)
-                if k == 0 and level == 1:
-                    title = heading
-                if level >= 2 and k > 0:
-                    line = "#" * (level - 1) + " " + heading
-                anchors.setdefault(_heading_slug(heading), (path, line.startswith("# ")))
-            out.append(line)
-        pages.append((path, title, out))
-
-    def relink(path):
-        def sub(m):
-            target = anchors.get(m.group(1))
-            if target is None:  # left as it is: strict mode reports it
-                return m.group(0)
-            page, is_title = target
-            if page == path:
-                return m.group(0)
-            return f"]({page})" if is_title else f"]({page}#{m.group(1)})"
-
-        return sub
-
-    result = []
-    for path, title, out in pages:
-        body = []
-        for _, line, fenced in _outside_fences(out):
-            body.append(line if fenced else _ANCHOR_LINK.sub(relink(path), line))
-        result.append((path, title or path, "\n".join(body).rstrip() + "\n"))
-    return result
+def _versions() -> str:
+    out = [sys.version.split()[0]]
+    for name in PACKAGES:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{name} absent")
+    return " ".join(out)
 
 
-def readme_pages() -> list[tuple[str, str]]:
-    """``[(page path, title), ...]`` of the README's pages, for the nav and the tests."""
-    return [(path, title) for path, title, _ in split_readme(README.read_text("utf-8"))]
+def cache_key(notebook: Path) -> str:
+    """A hash of the notebook, jaxbn's sources and the package versions: 16 hex digits."""
+    h = hashlib.sha256(notebook.read_bytes())
+    for path in sorted((ROOT / "jaxbn").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    h.update(_versions().encode())
+    return h.hexdigest()[:16]
 
 
-def _module_present(paths) -> bool:
-    return any((ROOT / p).exists() for p in paths)
+def executed_dir(notebook: Path) -> Path:
+    """Where the executed copy of ``notebook`` is: ``DIR / "notebooks" / notebook.name``."""
+    return CACHE / f"{notebook.stem}-{cache_key(notebook)}"
 
 
-def _drop_from_nav(nav, page):
-    """The nav without the entries that point at ``page``."""
-    out = []
-    for item in nav:
-        if isinstance(item, dict):
-            ((key, value),) = item.items()
-            if isinstance(value, list):
-                out.append({key: _drop_from_nav(value, page)})
-            elif value != page:
-                out.append(item)
-        elif item != page:
-            out.append(item)
-    return out
+def user_env() -> dict[str, str]:
+    return {
+        k: v for k, v in os.environ.items() if k not in _NOT_A_USERS and "PERSISTENT_CACHE" not in k
+    }
 
 
-def nav_with_readme_pages(nav, pages):
-    """``nav`` with the README's pages after its home page, those it does not list yet.
+def execute(notebook: Path, out_dir: Path) -> float:
+    """Runs ``notebook`` in a fresh kernel and writes it, with its outputs, to ``out_dir``."""
+    import nbclient
+    import nbformat
 
-    A README section added later becomes a page in the nav without editing mkdocs.yml.
-    """
-    listed = set()
-
-    def walk(items):
-        for item in items:
-            value = next(iter(item.values())) if isinstance(item, dict) else item
-            walk(value) if isinstance(value, list) else listed.add(value)
-
-    walk(nav)
-    extra = [path for path, _ in pages if path != "index.md" and path not in listed]
-    out = []
-    for item in nav:
-        out.append(item)
-        value = next(iter(item.values())) if isinstance(item, dict) else item
-        if value == "index.md":
-            out.extend(extra)
-            extra = []
-    return out + extra
+    start = time.perf_counter()
+    nb = nbformat.read(notebook, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=HANG_GUARD_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(notebook.parent)}},
+    )
+    client.execute(env=user_env())  # raises CellExecutionError, with the cell, on an error
+    target = out_dir / "notebooks" / notebook.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    nbformat.write(nb, tmp)
+    tmp.replace(target)  # whole or not at all: a build stopped midway leaves no half copy
+    return time.perf_counter() - start
 
 
-def on_config(config):
-    if config.nav is not None:
-        config.nav = nav_with_readme_pages(config.nav, readme_pages())
-        for page, paths in OPTIONAL_PAGES.items():
-            if not _module_present(paths):
-                config.nav = _drop_from_nav(config.nav, page)
-    return config
+def executed_notebooks(notebooks: list[Path], workers: int = 2) -> dict[Path, Path]:
+    """``{notebook: directory of its executed copy}``, running those not in the cache."""
+    dirs = {nb: executed_dir(nb) for nb in notebooks}
+    todo = [nb for nb in notebooks if not (dirs[nb] / "notebooks" / nb.name).is_file()]
+    todo.sort(
+        key=lambda nb: next((i for i, p in enumerate(SLOWEST_FIRST) if nb.name.startswith(p)), 99)
+    )
+    if todo:
+        log.info("executing %d notebook(s), %d at a time", len(todo), workers)
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+        futures = {pool.submit(execute, nb, dirs[nb]): nb for nb in todo}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                nb = futures[future]
+                try:
+                    seconds = future.result()
+                except Exception as err:
+                    raise PluginError(f"notebooks/{nb.name} failed to run:\n{err}") from err
+                log.info("executed notebooks/%s in %.0f s", nb.name, seconds)
+        finally:  # a failure: the notebooks not started yet are not run
+            pool.shutdown(wait=True, cancel_futures=True)
+    for stale in CACHE.glob("*-*") if CACHE.is_dir() else ():  # other keys of these notebooks
+        if stale.is_dir() and stale not in dirs.values():
+            if any(stale.name.startswith(nb.stem + "-") for nb in notebooks):
+                for f in sorted(stale.rglob("*"), reverse=True):
+                    f.unlink() if f.is_file() else f.rmdir()
+                stale.rmdir()
+    return dirs
+
+
+def _execute_enabled() -> bool:
+    return os.environ.get("JAXBN_DOCS_EXECUTE", "1").lower() not in ("0", "false", "no")
 
 
 @event_priority(100)  # before mkdocs-jupyter's on_files, so that it renders the notebooks
 def on_files(files: Files, config) -> Files:
-    for page, paths in OPTIONAL_PAGES.items():
-        if not _module_present(paths) and files.get_file_from_path(page) is not None:
-            files.remove(files.get_file_from_path(page))
-    for path, _, markdown in split_readme(README.read_text("utf-8")):
-        files.append(File.generated(config, path, content=markdown))
-    for nb in sorted(NOTEBOOKS.glob("*.ipynb")):
-        # a File rooted at the repository (not File.generated): mkdocs-jupyter's wrapper
-        # of it reads src_dir to find the notebook
+    notebooks = sorted(NOTEBOOKS.glob("*.ipynb"))
+    dirs = executed_notebooks(notebooks) if _execute_enabled() else {}
+    for nb in notebooks:
+        # a File rooted at a directory (not File.generated): mkdocs-jupyter's wrapper of
+        # it reads src_dir to find the notebook
         files.append(
             File(
                 f"notebooks/{nb.name}",
-                src_dir=str(ROOT),
+                src_dir=str(dirs.get(nb, ROOT)),
                 dest_dir=config.site_dir,
                 use_directory_urls=config.use_directory_urls,
             )
         )
     return files
+
+
+def on_serve(server, config, builder):
+    for path in ("notebooks", "jaxbn", "CONTRIBUTING.md"):  # rebuild when these change
+        server.watch(str(ROOT / path))
+    return server
+
+
+# --- the benchmark command's one spelling ---
+
+
+def substitute(markdown: str, extra: dict, where: str) -> str:
+    """``{{ name }}`` replaced with ``extra[name]``; an unknown name is an error."""
+
+    def sub(m):
+        if m.group(1) not in extra:
+            raise PluginError(f"{where}: {m.group(0)} is not in mkdocs.yml's extra")
+        return str(extra[m.group(1)])
+
+    return _PLACEHOLDER.sub(sub, markdown)
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    return substitute(markdown, dict(config.extra), page.file.src_uri)
+
+
+# --- the notebook pages' titles and tables of contents ---
 
 
 def _toc_tokens(html: str) -> list[dict]:
@@ -219,14 +211,13 @@ def _toc_tokens(html: str) -> list[dict]:
 
 
 _NO_OUTPUTS = (
-    '<div class="admonition note"><p class="admonition-title">Stored without outputs</p>'
-    "<p>This page shows the notebook as committed: code and text, no results or figures. "
-    '<a href="{name}">Download it</a> and run it with Jupyter (it needs the '
-    "<code>examples</code> extra) to see them.</p></div>\n"
+    '<div class="admonition note"><p class="admonition-title">Shown without outputs</p>'
+    "<p>This build did not run the notebooks (<code>JAXBN_DOCS_EXECUTE=0</code>): the page "
+    "shows code and text, no results or figures. The published site runs them.</p></div>\n"
 )
 
 
-def _has_outputs(path: Path) -> bool:
+def has_outputs(path: Path) -> bool:
     cells = json.loads(path.read_text("utf-8")).get("cells", [])
     return any(cell.get("outputs") for cell in cells)
 
@@ -237,9 +228,7 @@ def on_page_content(html: str, page, config, files) -> str:
         page.toc = get_toc(tokens)
         if tokens and tokens[0]["level"] == 1:
             page.title = tokens[0]["name"]
-        path = ROOT / page.file.src_uri
-        if not _has_outputs(path):  # say so before the first cell, after the title
-            note = _NO_OUTPUTS.format(name=path.name)
+        if not has_outputs(Path(page.file.abs_src_path)):  # say so after the title
             m = re.search(r"</h1>", html)
-            html = html[: m.end()] + note + html[m.end() :] if m else note + html
+            html = html[: m.end()] + _NO_OUTPUTS + html[m.end() :] if m else _NO_OUTPUTS + html
     return html

@@ -1,4 +1,6 @@
-"""The docs site covers the public API: every public name has a docstring and a page.
+"""The docs site: its pages' code runs, and it covers the public API.
+
+Every public name has a docstring and a page.
 
 The public names are ``jaxbn.__all__``, the public classes and functions of
 ``jaxbn.linen``, ``jaxbn.nnx`` and ``jaxbn.equinox`` (each ``__all__`` and whatever
@@ -9,8 +11,13 @@ must render it: a ``::: identifier`` line names it, or names its module without
 identifier resolves and each docstring parses. The docstrings' examples run as
 doctests with the rest of the suite (``--doctest-modules`` over ``jaxbn``).
 
-The site's own build code is tested here too, where mkdocs is installed (the ``docs``
-extra); from an sdist, which has no ``docs/``, the page checks skip.
+The site's pages are tested too: every Python block of ``docs/**/*.md`` runs as
+written, each on its own; every page is in the nav; the quickstart is the README's; the
+contributing page is ``CONTRIBUTING.md``; each performance page says when, with which
+versions and on what it was measured; the benchmark command is spelled once. The
+site's own build code (``docs/hooks.py``, ``docs/griffe_rst.py``) is tested where mkdocs
+is installed (the ``docs`` extra). From an sdist, which has no ``docs/``, these skip.
+The built site is checked in a browser by ``test_docs_site.py``.
 """
 
 from __future__ import annotations
@@ -173,41 +180,194 @@ def _load(path: Path):
     return module
 
 
-@needs_docs
-def test_readme_sections_are_the_pages_in_the_nav():
-    pytest.importorskip("mkdocs")
+def _nav_pages(nav) -> list[str]:
+    out = []
+    for item in nav:
+        value = next(iter(item.values())) if isinstance(item, dict) else item
+        out.extend(_nav_pages(value) if isinstance(value, list) else [value])
+    return out
+
+
+def _mkdocs_config() -> dict:
     yaml = pytest.importorskip("yaml")
-    hooks = _load(DOCS / "hooks.py")
-    pages = hooks.readme_pages()
-    readme = (ROOT / "README.md").read_text("utf-8")
-    assert [p for p, _ in pages][0] == "index.md"
-    assert len(pages) - 1 == len(re.findall(r"^## ", readme, re.M))
-    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text("utf-8"))["nav"]
-    nav = hooks.nav_with_readme_pages(nav, pages)
-    head = [next(iter(i.values())) if isinstance(i, dict) else i for i in nav[: len(pages)]]
-    assert head == [p for p, _ in pages], "the README's pages come first, in its order"
-    assert hooks.nav_with_readme_pages(nav, pages) == nav  # listed once
+    loader = type("Loader", (yaml.SafeLoader,), {})  # mkdocs.yml's !!python tags, if any
+    return yaml.load((ROOT / "mkdocs.yml").read_text("utf-8"), Loader=loader)
 
 
 @needs_docs
-def test_readme_split_moves_headings_and_links():
+def test_every_page_is_in_the_nav_and_every_nav_entry_exists():
+    nav = _nav_pages(_mkdocs_config()["nav"])
+    pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
+    notebooks = {f"notebooks/{p.name}" for p in (ROOT / "notebooks").glob("*.ipynb")}
+    assert sorted(nav) == sorted(pages | notebooks)
+    assert len(nav) == len(set(nav)), "a page listed twice"
+
+
+@needs_docs
+def test_the_site_covers_what_the_issue_lists():
+    """The sections a reader looks for, each a page (README.md points at them)."""
+    nav = set(_nav_pages(_mkdocs_config()["nav"]))
+    for page in (
+        "getting-started.md",
+        *(f"guide/{p}.md" for p in ("many-devices", "gradients", "masks", "renorm")),
+        *(f"guide/{p}.md" for p in ("ghost-batches", "frozen", "folding", "population-stats")),
+        "guide/pytorch.md",
+        "integrations/flax.md",
+        "integrations/equinox.md",
+        "integrations/reinforcement-learning.md",
+        "numerics.md",
+        *(f"performance/{p}.md" for p in ("index", "cpu", "memory", "gpu-program", "first-step")),
+        "contributing.md",
+    ):
+        assert page in nav, page
+
+
+# --- the pages' code: every Python block runs, each on its own ---
+
+_FENCE = re.compile(r"^( *)```(\w*)[^\n]*\n(.*?)^\1```$", re.M | re.S)
+
+
+def page_blocks() -> list:
+    """``pytest.param(code, id="page-N")`` for each ```python block of docs/**/*.md.
+
+    Blocks inside a content tab (``=== "linen"``) are indented; they are dedented.
+    """
+    params = []
+    if not DOCS.is_dir():
+        return params
+    for page in sorted(DOCS.rglob("*.md")):
+        n = 0
+        for indent, lang, code in _FENCE.findall(page.read_text("utf-8")):
+            if lang != "python":
+                continue
+            n += 1
+            code = "\n".join(line[len(indent) :] for line in code.splitlines())
+            name = str(page.relative_to(DOCS)).removesuffix(".md").replace("/", "-")
+            params.append(pytest.param(code, str(page), id=f"{name}-{n}"))
+    return params
+
+
+PAGE_BLOCKS = page_blocks()
+
+
+def test_the_pages_have_python_blocks():
+    if not DOCS.is_dir():
+        pytest.skip("no docs/ in this tree (an sdist)")
+    ids = [p.id for p in PAGE_BLOCKS]
+    assert len(ids) >= 20 and "guide-many-devices-1" in ids and "guide-gradients-2" in ids, ids
+
+
+@pytest.mark.parametrize("code, page", PAGE_BLOCKS)
+def test_page_block_runs_as_written(code, page):
+    for module in re.findall(r"^\s*(?:import|from) (flax|equinox|optax)\b", code, re.M):
+        pytest.importorskip(module)
+    exec(compile(code, page, "exec"), {"__name__": "docs"})
+
+
+def _bash_blocks(text: str) -> list[list[str]]:
+    return [code.splitlines() for _, lang, code in _FENCE.findall(text) if lang == "bash"]
+
+
+@needs_docs
+def test_quickstart_is_the_readmes_everywhere():
+    readme = (ROOT / "README.md").read_text("utf-8")
+    quickstart = _bash_blocks(readme[readme.index("<!-- quickstart") :])[0]
+    assert len(quickstart) == 2
+    for path in (DOCS / "getting-started.md", ROOT / "CONTRIBUTING.md"):
+        assert quickstart in _bash_blocks(path.read_text("utf-8")), (
+            f"{path.name}: a stale quickstart"
+        )
+
+
+# --- the contributing page is CONTRIBUTING.md ---
+
+
+@needs_docs
+def test_contributing_page_is_contributing_md():
+    page = (DOCS / "contributing.md").read_text("utf-8")
+    assert page.strip() == '--8<-- "CONTRIBUTING.md"'  # pymdownx.snippets, from the root
+    text = (ROOT / "CONTRIBUTING.md").read_text("utf-8")
+    assert "\n## The path `x` takes\n" in text
+    # links from CONTRIBUTING.md resolve on GitHub and on the site alike: anchors only
+    assert not re.findall(r"\]\((?!#|https?://)[^)]+\)", text)
+
+
+# --- performance: each measurement says when, with what and where ---
+
+
+@needs_docs
+@pytest.mark.parametrize("name", ["cpu", "memory", "gpu-program", "first-step"])
+def test_performance_pages_say_when_and_on_what(name):
+    text = (DOCS / "performance" / f"{name}.md").read_text("utf-8")
+    box = re.search(r'^!!! info "(Measured|Compiled) on"\n((?: {4}.*\n)+)', text, re.M)
+    assert box, f"performance/{name}.md: no 'Measured on' box"
+    said = box.group(2)
+    assert re.search(r"\d{4}-\d{2}-\d{2}", said) and "jax 0." in said, said
+    assert re.search(r"machine|cores|H100|TPU", said), said
+
+
+@needs_docs
+def test_the_benchmark_command_is_spelled_once():
+    bench = str(_mkdocs_config()["extra"]["bench"])
+    for page in DOCS.rglob("*.md"):
+        text = page.read_text("utf-8")
+        assert bench not in text and "jaxbn bench" not in text, f"{page}: write {{{{ bench }}}}"
+    assert "{{ bench }}" in (DOCS / "performance" / "cpu.md").read_text("utf-8")
+
+
+@needs_docs
+def test_placeholders_are_substituted_and_unknown_ones_fail():
     pytest.importorskip("mkdocs")
     hooks = _load(DOCS / "hooks.py")
-    text = (
-        "# lib\n\nIntro, see [b](#sub-b) and [A](#part-a).\n\n"
-        "## Part A\n\ntext\n\n```bash\n## not a heading\n```\n\n### Sub B\n\n"
-        "back to [A](#part-a)\n\n## Part C\n\n[sub](#sub-b) [nowhere](#nowhere)\n"
+    assert (
+        hooks.substitute("run `{{ bench }} --quick`", {"bench": "b.py"}, "p")
+        == "run `b.py --quick`"
     )
-    pages = {path: (title, md) for path, title, md in hooks.split_readme(text)}
-    assert list(pages) == ["index.md", "part-a.md", "part-c.md"]
-    assert pages["index.md"][0] == "lib"
-    assert "[b](part-a.md#sub-b)" in pages["index.md"][1]
-    assert "[A](part-a.md)" in pages["index.md"][1]
-    title, md = pages["part-a.md"]
-    assert title == "Part A" and md.startswith("# Part A\n")
-    assert "\n## Sub B\n" in md and "\n## not a heading\n" in md  # the code block is kept
-    assert "back to [A](#part-a)" in md  # same page: left alone
-    assert "[sub](part-a.md#sub-b) [nowhere](#nowhere)" in pages["part-c.md"][1]
+    with pytest.raises(Exception, match="benhc"):
+        hooks.substitute("{{ benhc }}", {"bench": "b.py"}, "p.md")
+
+
+# --- the notebooks: executed at build time, cached by their inputs ---
+
+
+@needs_docs
+def test_notebook_cache_key_follows_the_notebook(tmp_path):
+    pytest.importorskip("mkdocs")
+    hooks = _load(DOCS / "hooks.py")
+    nb = tmp_path / "nb.ipynb"
+    nb.write_text('{"cells": []}')
+    first = hooks.cache_key(nb)
+    assert hooks.cache_key(nb) == first and len(first) == 16
+    nb.write_text('{"cells": [1]}')
+    assert hooks.cache_key(nb) != first
+    assert hooks.executed_dir(nb).parent == hooks.CACHE
+
+
+@needs_docs
+def test_notebook_env_is_a_users(monkeypatch):
+    pytest.importorskip("mkdocs")
+    hooks = _load(DOCS / "hooks.py")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=false")
+    monkeypatch.setenv("JAXBN_SOMETHING", "kept")
+    env = hooks.user_env()
+    assert "XLA_FLAGS" not in env and env["JAXBN_SOMETHING"] == "kept"
+
+
+@needs_docs
+def test_notebook_toc_is_rebuilt_from_the_rendered_headings():
+    pytest.importorskip("mkdocs")
+    hooks = _load(DOCS / "hooks.py")
+    html = (
+        '<h1 id="t">Title<a class="anchor-link" href="#t">¶</a></h1>'
+        '<h2 id="timing-under-jit">Timing under <code>jit</code></h2><h3 id="c">C</h3>'
+        '<h2 id="d">D &amp; E</h2>'
+    )
+    (title,) = hooks._toc_tokens(html)
+    assert title["name"] == "Title" and [c["name"] for c in title["children"]] == [
+        "Timing under jit",
+        "D & E",
+    ]
+    assert title["children"][0]["children"][0]["id"] == "c"
 
 
 @needs_docs
