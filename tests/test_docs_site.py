@@ -11,7 +11,8 @@ resolve (the page is missing, or the ``#anchor`` is not an ``id`` in it). A full
 screenshot of each is saved to ``build/docs-screenshots/`` (or ``JAXBN_DOCS_SCREENSHOTS``)
 for a person to open, with the notebook's first figure on its own.
 
-Skips, saying why, where chromium, playwright or mkdocs is missing.
+Skips, saying why, where chromium, playwright or mkdocs is missing, unless
+``JAXBN_DOCS_SITE`` is set: then a missing browser fails the test (CI must run it).
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ PAGES = {  # name -> (path in the site, a text the page must show)
     "api": ("api/index.html", "jaxbn.batch_norm"),
 }
 
+GIVEN = os.environ.get("JAXBN_DOCS_SITE")  # a site to check: then nothing may be missing
+
 pytestmark = [
     pytest.mark.skipif(
-        CHROMIUM is None,
+        CHROMIUM is None and not GIVEN,
         reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)",
     ),
     pytest.mark.skipif(not (ROOT / "docs").is_dir(), reason="no docs/ in this tree (an sdist)"),
@@ -53,10 +56,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    given = os.environ.get("JAXBN_DOCS_SITE")
-    if given:
-        path = Path(given).resolve()
-        assert (path / "index.html").is_file(), f"JAXBN_DOCS_SITE={given} holds no built site"
+    if GIVEN:
+        path = Path(GIVEN).resolve()
+        assert (path / "index.html").is_file(), f"JAXBN_DOCS_SITE={GIVEN} holds no built site"
         return path
     pytest.importorskip("mkdocs", reason="the docs extra is not installed")
     out = tmp_path_factory.mktemp("site")
@@ -92,7 +94,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="no playwright (the docs extra)")
+    assert CHROMIUM, "JAXBN_DOCS_SITE is set, but there is no chromium on PATH"
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if GIVEN:
+            pytest.fail("JAXBN_DOCS_SITE is set, but playwright (the docs extra) is missing")
+        pytest.skip("no playwright (the docs extra)")
     with sync_api.sync_playwright() as p:
         # the system's chromium, not a downloaded one; as root it needs --no-sandbox
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
