@@ -9,7 +9,7 @@ JavaScript error, logs a console error, a request fails or answers 4xx/5xx, an i
 does not load (``naturalWidth == 0``), or a link of the page to the site does not
 resolve (the page is missing, or the ``#anchor`` is not an ``id`` in it). A full-page
 screenshot of each is saved to ``build/docs-screenshots/`` (or ``JAXBN_DOCS_SCREENSHOTS``)
-for a person to open, with the notebook's first figure on its own.
+for a person to open, and one of the notebook's first figure in its page.
 
 Skips, saying why, where chromium, playwright or mkdocs is missing, unless
 ``JAXBN_DOCS_SITE`` is set: then a missing browser fails the test (CI must run it).
@@ -173,7 +173,9 @@ def test_page_loads_in_chromium(name, base_url, browser):
         f"{path}: {response and response.status}"
     )
     page.wait_for_load_state("networkidle")
-    assert text in page.inner_text("body"), f"{path} does not show {text!r}"
+    problems = list(errors)  # everything wrong with the page, reported together
+    if text not in page.inner_text("body"):
+        problems.append(f"the page does not show {text!r}")
 
     # every image loaded: the notebook's figures are data: URIs, the rest files
     page.evaluate("document.querySelectorAll('img').forEach(i => { i.loading = 'eager'; })")
@@ -181,26 +183,24 @@ def test_page_loads_in_chromium(name, base_url, browser):
     images = page.evaluate(
         "[...document.images].map(i => ({src: i.src.slice(0, 60), w: i.naturalWidth}))"
     )
-    unloaded = [i["src"] for i in images if i["w"] == 0]
-    assert not unloaded, f"{path}: images that did not load: {unloaded}"
-    if name == "notebook":
-        figures = [i for i in images if i["src"].startswith("data:image/png")]
-        assert figures, f"{path} shows no figure (were the notebooks executed?)"
-    if name == "api":
-        assert page.locator("[id='jaxbn.batch_norm']").count() == 1, "no jaxbn.batch_norm entry"
+    problems += [f"image did not load: {i['src']}" for i in images if i["w"] == 0]
+    figures = [i for i in images if i["src"].startswith("data:image/png") and i["w"] > 0]
+    if name == "notebook" and not figures:
+        problems.append("no figure (were the notebooks executed?)")
+    if name == "api" and page.locator("[id='jaxbn.batch_norm']").count() != 1:
+        problems.append("no jaxbn.batch_norm entry")
 
     hrefs = page.evaluate("[...document.querySelectorAll('a[href]')].map(a => a.href)")
-    bad = broken_links(base_url, hrefs)
+    problems += [f"broken internal link: {b}" for b in broken_links(base_url, hrefs)]
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-    if name == "notebook":
+    if figures:
         figure = page.locator("img[src^='data:image/png']").first
-        figure.scroll_into_view_if_needed()
-        figure.screenshot(path=str(SHOTS / "notebook-figure.png"))
+        figure.scroll_into_view_if_needed()  # the first figure, in the page around it
+        page.screenshot(path=str(SHOTS / f"{name}-figure.png"))
     page.close()
-    assert not errors, f"{path}:\n" + "\n".join(errors)
-    assert not bad, f"{path}: broken internal links:\n" + "\n".join(bad)
+    assert not problems, f"{path} (screenshot: {SHOTS / name}.png):\n" + "\n".join(problems)
 
 
 def test_every_notebook_page_shows_figures(site):
