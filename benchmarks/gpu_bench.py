@@ -4,7 +4,7 @@ Run on a machine with one NVIDIA GPU, from the repository root::
 
     pip install -e ".[flax]" "jax[cuda12]" torch && python benchmarks/gpu_bench.py --json gpu.json
 
-It runs ``jaxbn.cli.bench`` (the shapes and modes of ``python -m jaxbn bench``, all
+It runs ``cpu_bench.py`` (the shapes and modes of the CPU benchmark, all
 JAX competitors interleaved) on the GPU, then times ``torch.nn.functional.batch_norm``
 (cuDNN) on the same shapes in NCHW and channels_last, and measures device-to-device
 copy bandwidth (``torch`` ``copy_`` of 1 GiB, counted as read + write). It prints each
@@ -95,7 +95,7 @@ def torch_fns(torch, shape, axis, dtype, device):
 def time_torch(torch, fns, reps, warmup, device):
     """Median milliseconds of each function, calls interleaved, caches flushed, synchronized."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    big = torch.ones(256 << 18, device=device)  # 256 MiB: more than any L2 (as jaxbn.cli.bench)
+    big = torch.ones(256 << 18, device=device)  # 256 MiB: more than any L2 (as cpu_bench.py)
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -123,7 +123,7 @@ def copy_bandwidth(torch, device, nbytes=1 << 30, reps=20):
 
 def report(rows, copy_gbps, markdown=False) -> tuple[str, dict]:
     """Per shape and mode: ms of everyone, jaxbn's share of copy bandwidth, ratios."""
-    from jaxbn.cli.bench import MODES
+    from cpu_bench_report import MODES
 
     if markdown:
         return _markdown(rows, copy_gbps, MODES)
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="jaxbn vs flax vs PyTorch on one GPU")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--shape", action="append", help="as for python -m jaxbn bench --shape")
+    p.add_argument("--shape", action="append", help="as for cpu_bench.py --shape")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     p.add_argument("--allow-cpu", action="store_true", help="run on CPU (checks the script)")
@@ -201,10 +201,8 @@ def main(argv=None) -> int:
     # JAX would otherwise take 75% of the GPU's memory and leave PyTorch none.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import cpu_bench as _bench
     import jax
-
-    from jaxbn.cli import bench as _bench
-    from jaxbn.cli.args import parse_shape
 
     start = time.perf_counter()
     try:
@@ -221,7 +219,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    shapes = [parse_shape(s) for s in args.shape] if args.shape else _bench.SHAPES
+    shapes = [_bench.parse_shape(s) for s in args.shape] if args.shape else _bench.SHAPES
     if torch is not None:
         torch.backends.cudnn.benchmark = True
         copy_gbps = copy_bandwidth(torch, device, 1 << 30 if device == "cuda" else 1 << 26)

@@ -228,7 +228,7 @@ def normalizer(name: str, axis: tuple[int, ...], fshape, *, training=True, act=N
         return f
     if name == "autodiff":
         assert training and mask is None
-        from jaxbn.cli.bench import _plain  # the textbook forward of `jaxbn bench`
+        from cpu_bench import _plain  # the textbook forward of the CPU benchmark
 
         state = {"mean": jnp.zeros(fshape), "var": jnp.ones(fshape)}
         return lambda x, g, b, r=None: activate(_plain(x, g, b, state, axis, True)[0], r)

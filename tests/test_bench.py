@@ -1,6 +1,7 @@
-"""``python -m jaxbn bench`` on tiny shapes: the table, the JSON and the residual count.
+"""``benchmarks/cpu_bench.py`` on tiny shapes: the table, the JSON and the residual count.
 
-Structure only: speed lives in the benchmark, never in a test.
+Structure only: speed lives in the benchmark, never in a test. The scripts in
+``benchmarks/`` are imported as modules (pyproject's pytest ``pythonpath``).
 """
 
 import contextlib
@@ -8,14 +9,17 @@ import copy
 import importlib.util
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import cpu_bench as bench
+import gpu_bench
 import jax
 import jax.numpy as jnp
 import pytest
 
 import jaxbn
-from jaxbn.cli import bench as _bench
 
 
 @pytest.fixture(scope="session")  # not "module": xdist may run another file's tests between
@@ -29,7 +33,7 @@ def quick_run(tmp_path_factory):
     argv += ["--allocator", "current", "--json", str(path)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert _bench.main(argv) == 0
+        assert bench.main(argv) == 0
     return out.getvalue(), json.loads(path.read_text())
 
 
@@ -59,7 +63,7 @@ def test_quick_run_prints_the_table_and_writes_the_json(quick_run):
         }
     # tiny shapes are dispatch-bound: only the residuals are held to a target
     assert set(result["summary"]) == {"residuals"} and result["summary"]["residuals"]["met"]
-    assert result["machine"]["allocator"] == _bench.allocator()
+    assert result["machine"]["allocator"] == bench.allocator()
 
 
 def test_residual_bytes_counts_each_buffer_once():
@@ -70,11 +74,11 @@ def test_residual_bytes_counts_each_buffer_once():
         return 2 * x
 
     twice.defvjp(lambda x: (2 * x, (x, x, x[0])), lambda res, ct: (2 * ct,))
-    assert _bench.residual_bytes(twice, x) == dict(
+    assert bench.residual_bytes(twice, x) == dict(
         full=1.0, all=1056 / 1024, full_bytes=1024, all_bytes=1056
     )
-    assert _bench.residual_bytes(lambda x, g: x * g[None], x, g)["all"] == 1056 / 1024
-    assert _bench.residual_bytes(lambda x, y: jnp.sin(x) * y, x, x + 1)["full"] == 3.0
+    assert bench.residual_bytes(lambda x, g: x * g[None], x, g)["all"] == 1056 / 1024
+    assert bench.residual_bytes(lambda x, y: jnp.sin(x) * y, x, x + 1)["full"] == 3.0
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -85,38 +89,56 @@ def test_jaxbn_keeps_only_x_for_the_backward(dtype):
     def y_of(x, gamma, beta):
         return jaxbn.batch_norm(x, gamma, beta, state, training=True, axis=1)[0]
 
-    res = _bench.residual_bytes(y_of, x, gamma, beta)
+    res = bench.residual_bytes(y_of, x, gamma, beta)
     assert res["full"] == 1.0
     assert res["all"] < 1.05  # and a few per-feature vectors
 
 
 def test_program_ignores_names_but_not_operations():
     x, a = jnp.ones((16, 4)), jnp.ones((1, 4))
-    assert _bench.program(lambda x, a: x * a, x, a) == _bench.program(lambda y, b: y * b, x, a)
-    assert _bench.program(lambda x, a: x * a, x, a) != _bench.program(lambda x, a: x + a, x, a)
+    assert bench.program(lambda x, a: x * a, x, a) == bench.program(lambda y, b: y * b, x, a)
+    assert bench.program(lambda x, a: x * a, x, a) != bench.program(lambda x, a: x + a, x, a)
 
 
 def test_parity_meets_a_target_of_one_but_not_below():
     row = dict(nbytes=1 << 20, residuals={})
-    row["ratio_vs_flax"] = {m: {"jaxbn": 1.03} for m in _bench.MODES}
-    row["same_program_as_flax"] = {m: m == "eval" for m in _bench.MODES}
-    summary = _bench.summarize([row])
+    row["ratio_vs_flax"] = {m: {"jaxbn": 1.03} for m in bench.MODES}
+    row["same_program_as_flax"] = {m: m == "eval" for m in bench.MODES}
+    summary = bench.summarize([row])
     assert summary["eval"]["met"] and summary["eval"]["parity"]
     assert not summary["fwd+bwd"]["met"]  # same program would not meet 0.75 either
     row["same_program_as_flax"]["eval"] = False
-    assert not _bench.summarize([row])["eval"]["met"]
+    assert not bench.summarize([row])["eval"]["met"]
 
 
 def test_bad_shape_option_says_what_it_expected(capsys):
     with pytest.raises(SystemExit):
-        _bench.main(["--shape", "64xC", "--allocator", "current"])
+        bench.main(["--shape", "64xC", "--allocator", "current"])
     assert "expected sizes joined by 'x'" in capsys.readouterr().err
+
+
+def test_without_flax_it_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "flax", None)  # find_spec then reports it missing
+    assert bench.main(["--quick", "--allocator", "current"]) == 1
+    assert capsys.readouterr().err == (
+        'cpu_bench.py needs flax, which is not installed; install it with pip install "jaxbn[flax]".\n'
+    )
+
+
+def test_runs_as_a_script_from_any_directory(tmp_path):
+    # the modules beside it are found from the script's own folder
+    script = Path(__file__).parents[1] / "benchmarks" / "cpu_bench.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: cpu_bench.py") and "--allocator" in proc.stdout
 
 
 def test_child_processes_get_every_option_but_allocator_and_json():
     argv = ["--quick", "--allocator", "both", "--json", "a.json", "--reps=3", "--json=b"]
-    assert _bench.child_argv(argv + ["--runs", "3"]) == ["--quick", "--reps=3", "--runs", "3"]
-    assert _bench.child_argv(argv + ["--runs", "3"], _bench.RUN_OWN) == ["--quick", "--reps=3"]
+    assert bench.child_argv(argv + ["--runs", "3"]) == ["--quick", "--reps=3", "--runs", "3"]
+    assert bench.child_argv(argv + ["--runs", "3"], bench.RUN_OWN) == ["--quick", "--reps=3"]
 
 
 def test_median_of_runs_takes_each_cells_median_and_resummarizes(quick_run):
@@ -128,7 +150,7 @@ def test_median_of_runs_takes_each_cells_median_and_resummarizes(quick_run):
         r["rows"][0]["ratio_vs_flax"]["fwd"]["jaxbn"] = ratio
         r["rows"][0]["modes"]["bwd"]["flax"]["ms"] = 10 * ratio
         runs.append(r)
-    merged = _bench.median_of_runs(runs)
+    merged = bench.median_of_runs(runs)
     assert merged["rows"][0]["ratio_vs_flax"]["fwd"]["jaxbn"] == 0.9
     assert merged["rows"][0]["modes"]["bwd"]["flax"]["ms"] == 9.0
     assert merged["summary"]["fwd"]["max"] == 0.9 and merged["summary"]["fwd"]["met"]
@@ -137,25 +159,17 @@ def test_median_of_runs_takes_each_cells_median_and_resummarizes(quick_run):
     )
 
 
-def _gpu_script():
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
-    gpu_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_bench)  # importing runs nothing
-    return gpu_bench
-
-
 def test_gpu_script_runs_on_cpu_when_asked(tmp_path, capsys):
     # the one prepared command a GPU session runs: checked here, torch or not
     has_torch = importlib.util.find_spec("torch") is not None
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
     argv = ["--allow-cpu", "--shape", "4x8x3x3:1", "--reps", "1", "--warmup", "0"]
-    assert _gpu_script().main(argv + ["--json", str(out), "--markdown", str(md)]) == 0
+    assert gpu_bench.main(argv + ["--json", str(out), "--markdown", str(md)]) == 0
     assert "jaxbn/torch" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["config"]["cold_cache"]  # caches evicted before each call, as on the GPU
     row = result["rows"][0]
-    expected = {f"{f}/{m}" for f in ("NCHW", "channels_last") for m in _bench.MODES}
+    expected = {f"{f}/{m}" for f in ("NCHW", "channels_last") for m in bench.MODES}
     assert set(row["torch"]) == (expected if has_torch else set())
     assert {"min_copy_fraction", "max_vs_torch", "max_vs_flax", "met"} <= set(result["gpu_targets"])
     table = md.read_text().splitlines()

@@ -1,11 +1,11 @@
 """The command-line tools, apart from the library: ``jaxbn COMMAND`` (``python -m jaxbn``).
 
-``check`` (``jaxbn.cli.check``), ``demo`` (``jaxbn.cli.demo``) and ``bench``
-(``jaxbn.cli.bench``, with ``bench_host`` and ``bench_report``) each have their own
+``check`` (``jaxbn.cli.check``) and ``demo`` (``jaxbn.cli.demo``) each have their own
 ``main(argv) -> int``, imported only when the command runs. Its arguments are parsed
 first (``jaxbn.cli.args``) and its extra's packages looked up without importing them,
 so ``--help``, ``--version``, a wrong option and a missing extra are answered without
-importing jax. Nothing here is part of the library's API (``jaxbn.__all__``).
+importing jax. Nothing here is part of the library's API (``jaxbn.__all__``); the
+benchmarks are scripts in the repository (``benchmarks/cpu_bench.py``), not in the package.
 """
 
 from __future__ import annotations

@@ -38,67 +38,6 @@ def demo_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_shape(text):
-    """``"64x32x32x128:-1:bfloat16"`` -> ``((64, 32, 32, 128), -1, "bfloat16")``."""
-    parts = text.split(":")
-    try:
-        shape = tuple(int(v) for v in parts[0].split("x"))
-        axis = int(parts[1]) if len(parts) > 1 and parts[1] else -1
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"got {text!r}; expected sizes joined by 'x', then optionally ':AXIS' and "
-            f"':DTYPE', e.g. 64x128x32x32:1:bfloat16."
-        ) from None
-    return shape, axis, parts[2] if len(parts) > 2 else "float32"
-
-
-def bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jaxbn bench",
-        description="Benchmarks jaxbn against Flax's BatchNorm, plain autodiff and the "
-        "memory-traffic floor (a jitted x * a + b), in training, backward and eval modes.",
-        epilog='Needs flax: pip install "jaxbn[flax]".',
-    )
-    p.add_argument("--reps", type=int, help="timed calls per case (default 40, --quick 10)")
-    p.add_argument("--warmup", type=int, help="untimed calls first (default 5, --quick 2)")
-    p.add_argument("--quick", action="store_true", help="three shapes, fewer calls")
-    p.add_argument(
-        "--shape",
-        action="append",
-        type=parse_shape,
-        metavar="AxBxC[:AXIS[:DTYPE]]",
-        help="benchmark this shape instead (repeatable), e.g. 64x128x32x32:1:bfloat16",
-    )
-    p.add_argument(
-        "--offset",
-        type=float,
-        default=0.0,
-        help="add this to the data (randn * 2 + 1); e.g. 1e4 takes jaxbn's shifted statistics",
-    )
-    p.add_argument(
-        "--warm-cache",
-        action="store_true",
-        help="do not evict the caches before each timed call (order then matters)",
-    )
-    p.add_argument(
-        "--runs",
-        type=int,
-        default=1,
-        help="repeat in this many fresh processes and report each cell's median "
-        "(a process's memory layout can move a ratio by 5-10%%)",
-    )
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--markdown", action="store_true", help="also print a Markdown summary")
-    p.add_argument(
-        "--allocator",
-        choices=["auto", "current", "jemalloc", "glibc", "both"],
-        default="auto",
-        help="auto (default): jemalloc if installed, else glibc tuned in process; current: "
-        "as started; glibc: glibc's defaults; both: jemalloc, then glibc's defaults",
-    )
-    return p
-
-
 # name (module jaxbn.cli.NAME): (one-line help, parser, (import name, distribution) it needs, extra)
 COMMANDS = {
     "check": ("hand-derived backward vs float64 autodiff on this backend", check_parser, (), None),
@@ -107,12 +46,6 @@ COMMANDS = {
         demo_parser,
         (("optax", "optax"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")),
         "examples",
-    ),
-    "bench": (
-        "benchmark against Flax and the memory-traffic floor",
-        bench_parser,
-        (("flax", "flax"),),
-        "flax",
     ),
 }
 

@@ -1,4 +1,13 @@
-"""``python -m jaxbn bench``: jaxbn against Flax, plain autodiff and the memory-traffic floor.
+"""The CPU benchmark: jaxbn against Flax, plain autodiff and the memory-traffic floor.
+
+Run from the repository root, with jaxbn and flax installed::
+
+    pip install -e ".[flax]" && python benchmarks/cpu_bench.py --runs 3
+
+``--quick`` takes three shapes and fewer calls, ``--json PATH`` writes the results,
+``--markdown`` also prints a Markdown summary (``--help`` for the rest). The allocator
+and the machine are probed in ``cpu_bench_host``, the targets, tables and medians are
+in ``cpu_bench_report``; ``gpu_bench.py`` runs this on a GPU.
 
 Batch norm is memory-bound, so each time is also a multiple of its minimal traffic
 ("xfloor"): a jitted per-feature ``x * a + b`` (one read, one write) in the same run
@@ -33,31 +42,30 @@ The page faults per timed call are reported.
 
 from __future__ import annotations
 
+import argparse
 import gc
+import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxbn._batch_norm import batch_norm, batch_norm_act
-from jaxbn._state import init_state
-from jaxbn.cli.args import bench_parser
-from jaxbn.cli.bench_host import (
+from cpu_bench_host import (
     JEMALLOC_CONF,
     _jemalloc,
     _minor_faults,
-    _rerun,
     allocator,
     flusher,
     machine,
     tune_glibc,
 )
-from jaxbn.cli.bench_report import (
+from cpu_bench_report import (
     MODES,
     TARGETS,
     compare,
@@ -66,6 +74,8 @@ from jaxbn.cli.bench_report import (
     median_of_runs,
     summarize,
 )
+
+from jaxbn import batch_norm, batch_norm_act, init_state
 
 SHAPES = [  # (shape, feature axis, dtype)
     ((4096, 1024), -1, "float32"),
@@ -274,9 +284,74 @@ def run(
     )
 
 
+def parse_shape(text):
+    """``"64x32x32x128:-1:bfloat16"`` -> ``((64, 32, 32, 128), -1, "bfloat16")``."""
+    parts = text.split(":")
+    try:
+        shape = tuple(int(v) for v in parts[0].split("x"))
+        axis = int(parts[1]) if len(parts) > 1 and parts[1] else -1
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"got {text!r}; expected sizes joined by 'x', then optionally ':AXIS' and "
+            f"':DTYPE', e.g. 64x128x32x32:1:bfloat16."
+        ) from None
+    return shape, axis, parts[2] if len(parts) > 2 else "float32"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cpu_bench.py",
+        description="Benchmarks jaxbn against Flax's BatchNorm, plain autodiff and the "
+        "memory-traffic floor (a jitted x * a + b), in training, backward and eval modes.",
+        epilog='Needs flax: pip install "jaxbn[flax]".',
+    )
+    p.add_argument("--reps", type=int, help="timed calls per case (default 40, --quick 10)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 5, --quick 2)")
+    p.add_argument("--quick", action="store_true", help="three shapes, fewer calls")
+    p.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        metavar="AxBxC[:AXIS[:DTYPE]]",
+        help="benchmark this shape instead (repeatable), e.g. 64x128x32x32:1:bfloat16",
+    )
+    p.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        help="add this to the data (randn * 2 + 1); e.g. 1e4 takes jaxbn's shifted statistics",
+    )
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="do not evict the caches before each timed call (order then matters)",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat in this many fresh processes and report each cell's median "
+        "(a process's memory layout can move a ratio by 5-10%%)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown summary")
+    p.add_argument(
+        "--allocator",
+        choices=["auto", "current", "jemalloc", "glibc", "both"],
+        default="auto",
+        help="auto (default): jemalloc if installed, else glibc tuned in process; current: "
+        "as started; glibc: glibc's defaults; both: jemalloc, then glibc's defaults",
+    )
+    return p
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = bench_parser().parse_args(argv)
+    args = parser().parse_args(argv)
+    if importlib.util.find_spec("flax") is None:
+        need = 'flax, which is not installed; install it with pip install "jaxbn[flax]".'
+        print(f"cpu_bench.py needs {need}", file=sys.stderr)
+        return 1
     choice, loaded = args.allocator, allocator()
     if choice == "auto":
         choice = "jemalloc" if _jemalloc() and "jemalloc" not in loaded else "current"
@@ -291,7 +366,7 @@ def main(argv=None) -> int:
     shapes = args.shape or (QUICK_SHAPES if args.quick else SHAPES)
     mach = machine()
     where = mach["cpu"] if mach["platform"] == "cpu" else mach["device"]
-    print(f"jaxbn bench on {mach['platform']} ({where}, {mach['cpu_count']} cores)")
+    print(f"cpu_bench.py on {mach['platform']} ({where}, {mach['cpu_count']} cores)")
     print(f"jax {mach['jax']}, flax {mach['flax']}, allocator: {mach['allocator']}")
     print(f"times in ms: median of {reps} interleaved calls after {warmup} warm-up calls;")
     cache = "warm caches" if args.warm_cache else "caches evicted before each call"
@@ -330,13 +405,27 @@ def child_argv(argv, own=("--allocator", "--json")) -> list[str]:
     return rest
 
 
+def _rerun(argv, name, env_changes, quiet=False) -> dict:
+    """Runs this benchmark in a child process (the allocator is chosen at startup)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *argv]
+        cmd += ["--allocator", "current", "--json", path]
+        env = {k: v for k, v in {**os.environ, **env_changes}.items() if v is not None}
+        out = subprocess.DEVNULL if quiet else None
+        if subprocess.run(cmd, env=env, stdout=out).returncode != 0:
+            raise SystemExit(f"cpu_bench.py under {name} failed")
+        with open(path) as f:
+            return json.load(f)
+
+
 def _main_children(argv, args, choice) -> int:
     """Reruns the benchmark under jemalloc and/or glibc's defaults, in child processes."""
     runs = []
     if choice in ("jemalloc", "both"):
         lib = _jemalloc()
         if lib is None:
-            print("jaxbn bench: no libjemalloc.so.2 (apt install libjemalloc2).", file=sys.stderr)
+            print("cpu_bench.py: no libjemalloc.so.2 (apt install libjemalloc2).", file=sys.stderr)
             return 2
         preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))
         env = {"LD_PRELOAD": preload, "MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF)}
@@ -350,3 +439,7 @@ def _main_children(argv, args, choice) -> int:
         with open(args.json, "w") as f:
             json.dump(runs[0] if len(runs) == 1 else {"runs": runs}, f, indent=1)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

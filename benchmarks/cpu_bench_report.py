@@ -1,6 +1,6 @@
 """The benchmark's report: targets, summaries, tables, and the median of several runs.
 
-A result is the JSON document of ``jaxbn.cli.bench.run``: ``rows`` (one per shape, with
+A result is the JSON document of ``cpu_bench.run``: ``rows`` (one per shape, with
 per-mode times, floors and jaxbn/flax ratios), ``summary`` (this module's
 ``summarize``), ``machine`` and ``config``.
 """

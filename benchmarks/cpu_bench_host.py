@@ -1,4 +1,4 @@
-"""Where ``jaxbn bench`` runs: allocator, caches, page faults and the machine it reports.
+"""Where ``benchmarks/cpu_bench.py`` runs: allocator, caches, page faults and the machine it reports.
 
 On CPU, a fresh output of >= 32 MiB page-faults on every call under glibc's default
 malloc, and jemalloc's default decay still faults freed pages back in; the benchmark
@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import platform
-import subprocess
-import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -102,20 +98,6 @@ def tune_glibc() -> bool:
 
 def _jemalloc():
     return next((p for p in JEMALLOC if os.path.exists(p)), None)
-
-
-def _rerun(argv, name, env_changes, quiet=False) -> dict:
-    """Runs this benchmark in a child process (the allocator is chosen at startup)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "bench.json")
-        cmd = [sys.executable, "-m", "jaxbn", "bench", *argv]
-        cmd += ["--allocator", "current", "--json", path]
-        env = {k: v for k, v in {**os.environ, **env_changes}.items() if v is not None}
-        out = subprocess.DEVNULL if quiet else None
-        if subprocess.run(cmd, env=env, stdout=out).returncode != 0:
-            raise SystemExit(f"jaxbn bench under {name} failed")
-        with open(path) as f:
-            return json.load(f)
 
 
 def machine() -> dict:
