@@ -54,10 +54,14 @@ def from_torch(state_dict: Mapping, prefix: str = ""):
                 f"state_dict has no {prefix + k!r}; expected a BatchNorm state dict with "
                 f"track_running_stats=True (keys {', '.join(prefix + k for k in _KEYS)})."
             )
-    f32 = lambda k: None if get(k) is None else jnp.asarray(np.asarray(get(k)), jnp.float32)  # noqa: E731
+    # jnp.array copies: jnp.asarray adopts an aligned host buffer on CPU (torch's
+    # .numpy() always is one), which the caller's module goes on writing.
+    f32 = lambda k: None if get(k) is None else jnp.array(np.asarray(get(k)), jnp.float32)  # noqa: E731
     count = get("num_batches_tracked")
     count = jnp.asarray(0 if count is None else int(np.asarray(count)), jnp.int32)
-    mean, var = (jnp.asarray(get(k), jnp.float32) for k in ("running_mean", "running_var"))
+    mean, var = (
+        jnp.array(np.asarray(get(k)), jnp.float32) for k in ("running_mean", "running_var")
+    )
     state = BatchNormState(mean, var, count)
     check_state(state, state.mean.shape)
     return f32("weight"), f32("bias"), state

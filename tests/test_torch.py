@@ -175,3 +175,49 @@ def test_momentum_none_keeps_a_cumulative_average_with_a_count(kind):
     assert int(stats["count"]) == 3
     assert rel_err(stats["mean"], g["cumulative_step2_running_mean"]) < 1e-5
     assert rel_err(stats["var"], g["cumulative_step2_running_var"]) < 1e-5
+
+
+def _aligned(values):
+    """A float32 copy of ``values`` in a 64-byte aligned buffer, as torch's ``.numpy()``
+    buffers are: XLA:CPU adopts such a buffer without a copy."""
+    values = np.asarray(values, np.float32)
+    buf = np.empty(values.nbytes + 64, np.uint8)
+    start = -buf.ctypes.data % 64
+    out = buf[start : start + values.nbytes].view(np.float32).reshape(values.shape)
+    out[...] = values
+    return out
+
+
+def test_from_torch_returns_arrays_independent_of_the_callers_buffers():
+    sd = {k: _aligned(np.arange(4.0) + i) for i, k in enumerate(_TORCH_FLOATS)}
+    expected = {k: v.copy() for k, v in sd.items()}
+    gamma, beta, state = jaxbn.from_torch(sd)
+    variables = jaxbn.flax_variables_from_torch(sd)
+    for v in sd.values():
+        v += 100.0  # in place, as torch's training and optimizers write
+    got = {"weight": gamma, "bias": beta, "running_mean": state.mean, "running_var": state.var}
+    flax = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+    for k in _TORCH_FLOATS:
+        collection = "params" if k in ("weight", "bias") else "batch_stats"
+        assert np.array_equal(got[k], expected[k]), k
+        assert np.array_equal(variables[collection][flax[k]], expected[k]), k
+
+
+def test_from_torch_is_independent_of_the_torch_module_that_goes_on_training():
+    torch = pytest.importorskip("torch")
+    bn = torch.nn.BatchNorm1d(4)
+    sd = {k: v.numpy() for k, v in bn.state_dict().items()}
+    expected = {k: v.copy() for k, v in sd.items()}
+    gamma, beta, state = jaxbn.from_torch(sd)
+    bn.train()
+    bn(torch.randn(8, 4) * 3 + 2)
+    with torch.no_grad():
+        bn.weight.mul_(2.0)
+        bn.bias.add_(1.0)
+    assert not np.array_equal(bn.running_mean.numpy(), expected["running_mean"])
+    for k, v in (("weight", gamma), ("bias", beta), ("running_mean", state.mean)):
+        assert np.array_equal(v, expected[k]), k
+    assert np.array_equal(state.var, expected["running_var"])
+
+
+_TORCH_FLOATS = ("weight", "bias", "running_mean", "running_var")
