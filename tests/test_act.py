@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from cpu_bench import program as compiled_program
+from cpu_bench import residual_bytes
 from hlo import assert_clean, lowered, x_reductions
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -21,8 +23,6 @@ from reference import bn_ref, problem, randn, rel_err, vjp_jit
 import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
-from jaxbn.cli.bench import program as compiled_program
-from jaxbn.cli.bench import residual_bytes
 
 SLOPE = 0.1
 ACTS = {
