@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from cpu_bench import program as compiled_program
 from cpu_bench import residual_bytes
+from flax import nnx
 from hlo import assert_clean, lowered, x_reductions
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
