@@ -207,7 +207,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         self.batch_counter = self.batch_state_index = None
         if mode == "ema":  # Equinox's "ema" layout: a first-call flag and (mean, var)
             self.ema_first_time_index = eqx.nn.StateIndex(jnp.array(True))
-            stats = (jnp.empty(shape, stats_dtype), jnp.empty(shape, stats_dtype))
+            stats = (jnp.zeros(shape, stats_dtype), jnp.ones(shape, stats_dtype))
             self.ema_state_index = eqx.nn.StateIndex(stats)
         else:  # Equinox's "batch" layout: a counter (int32, not weakly typed, as the
             # core's count), and (mean, var) from zeros and ones

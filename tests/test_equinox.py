@@ -483,3 +483,13 @@ def test_code_that_selects_batchnorms_by_type_finds_jaxbns():
     ours = picked(BatchNorm(3, "batch", mode="batch"))
     theirs = picked(eqx.nn.BatchNorm(3, "batch", mode="batch"))
     assert len(ours) == len(theirs) == 1 and type(ours[0]) is BatchNorm
+
+
+def test_ema_buffers_start_as_zeros_and_ones_so_inference_before_training_is_defined():
+    # jnp.empty (uninitialized from jax 0.11) would make this read whatever memory held
+    layer, state = eqx.nn.make_with_state(BatchNorm)(3, axis_name=None, mode="ema", axis=-1)
+    running = layer.running_state(state)
+    assert np.array_equal(running.mean, np.zeros(3)) and np.array_equal(running.var, np.ones(3))
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    y, _ = layer(jnp.asarray(x, jnp.float32), state, inference=True)
+    np.testing.assert_allclose(y, x / np.sqrt(1.0 + 1e-5), rtol=1e-6)
