@@ -298,24 +298,28 @@ def check_renorm(renorm):
         return None
     if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
         raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}.")
-    rmax, dmax = renorm
-    for name, v, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
+    return check_limits(*renorm, prefix="renorm ", names=("rmax", "dmax"))
+
+
+def check_limits(rmax, dmax, prefix="", names=("r_max", "d_max")):
+    """Batch renorm's limits, Python numbers (checked) or scalar arrays (traced), as arrays."""
+    for name, v, low in ((names[0], rmax, 1.0), (names[1], dmax, 0.0)):
         if isinstance(v, (bool, str, bytes)) or not (
             isinstance(v, numbers.Real) or hasattr(v, "dtype")
         ):
-            raise TypeError(f"renorm {name} must be a number or a scalar array, got {v!r}.")
+            raise TypeError(f"{prefix}{name} must be a number or a scalar array, got {v!r}.")
         if hasattr(v, "dtype") and (jnp.iscomplexobj(v) or not jnp.issubdtype(v.dtype, jnp.number)):
             raise TypeError(
-                f"renorm {name} must be a real number or scalar array, got dtype {v.dtype}."
+                f"{prefix}{name} must be a real number or scalar array, got dtype {v.dtype}."
             )
-        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        if isinstance(v, numbers.Real):
             if not (math.isfinite(v) and v >= low):
                 raise ValueError(
-                    f"renorm {name} must be a finite number >= {low:g}, got {v!r}"
-                    + (" (r is clipped to [1/rmax, rmax])." if name == "rmax" else ".")
+                    f"{prefix}{name} must be a finite number >= {low:g}, got {v!r}"
+                    + (f" (r is clipped to [1/{name}, {name}])." if low else ".")
                 )
         elif jnp.ndim(v) != 0:
-            raise TypeError(f"renorm {name} must be a scalar, got shape {jnp.shape(v)}.")
+            raise TypeError(f"{prefix}{name} must be a scalar, got shape {jnp.shape(v)}.")
     return jnp.asarray(rmax), jnp.asarray(dmax)  # Python numbers stay weakly typed
 
 

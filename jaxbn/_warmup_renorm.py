@@ -90,14 +90,14 @@ def batch_renorm(
              [ 1.,  1.]], dtype=float32), 1)
     """
     training = _checks.check_training(training)
-    common: dict[str, Any] = dict(axis=axis, eps=eps)
-    if not training:
-        return batch_norm(x, gamma, beta, state, training=False, **common)
-    momentum = _checks.check_momentum(momentum)
-    if momentum is None:
+    r_max, d_max = _checks.check_limits(r_max, d_max)
+    if _checks.check_momentum(momentum) is None:  # refused in evaluation too, as batch_norm's
         raise ValueError(
             "momentum=None (a cumulative average) is not batch_renorm's; pass a number."
         )
+    common: dict[str, Any] = dict(axis=axis, eps=eps)
+    if not training:
+        return batch_norm(x, gamma, beta, state, training=False, **common)
     x = _checks.check_x(x)
     state = check_state(state, tuple(x.shape[a] for a in _checks.normalize_axes(axis, x.ndim)))
     _, batch = batch_norm(  # the batch's statistics, differentiable (exact tangents)

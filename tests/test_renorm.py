@@ -194,3 +194,20 @@ def test_constant_feature_after_warmup_gives_finite_gradients():
 
     grads = jax.grad(loss, (0, 1))(jnp.asarray(x), jnp.ones(5))
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"r_max": float("nan")}, r"r_max must be a finite number >= 1, got nan"),
+        ({"r_max": 0.5}, r"r_max must be a finite number >= 1, got 0.5 \(r is clipped"),
+        ({"d_max": -1.0}, r"d_max must be a finite number >= 0, got -1.0"),
+        ({"d_max": float("inf")}, r"d_max must be a finite number >= 0, got inf"),
+        ({"momentum": 1.5}, r"momentum must be a number in \[0, 1\].*got 1.5"),
+    ],
+)
+def test_batch_renorm_refuses_what_batch_norm_refuses_in_both_modes(training, kw, match):
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=match):
+        jaxbn.batch_renorm(x, None, None, jaxbn.init_state(3), training=training, **kw)
