@@ -105,13 +105,29 @@ def check_mask(mask, x_shape: tuple[int, ...]):
     return jnp.reshape(mask, (1,) * (len(x_shape) - mask.ndim) + mask.shape)
 
 
-def check_training(training) -> bool:
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(
-            f"training must be a Python bool (True: batch statistics, False: running "
-            f"statistics), got {training!r} of type {type(training).__name__}."
+def check_flag(name: str, value, meaning: str) -> bool:
+    """A Python bool: it picks the program, so a traced one cannot."""
+    if not isinstance(value, (bool, np.bool_)):
+        fix = (
+            "; under jax.jit, mark it static (static_argnames) or call each mode's function"
+            if isinstance(value, jax.Array)
+            else ""
         )
-    return bool(training)
+        raise TypeError(
+            f"{name} must be a Python bool ({meaning}), got {value!r} of type "
+            f"{type(value).__name__}{fix}."
+        )
+    return bool(value)
+
+
+def check_training(training) -> bool:
+    return check_flag("training", training, "True: batch statistics, False: running statistics")
+
+
+def check_use_running_average(value) -> bool:
+    return check_flag(
+        "use_running_average", value, "True: running statistics, False: batch statistics"
+    )
 
 
 def _static_number(name: str, v) -> None:
@@ -121,10 +137,10 @@ def _static_number(name: str, v) -> None:
         )
 
 
-def check_eps(eps, dtype=None) -> float:
-    _static_number("eps", eps)
+def check_eps(eps, dtype=None, name="eps") -> float:
+    _static_number(name, eps)
     if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}.")
+        raise ValueError(f"{name} must be a finite number > 0, got {eps!r}.")
     if dtype is not None:
         dt = real_dtype(dtype)
         tiny = float(jnp.finfo(dt).tiny)

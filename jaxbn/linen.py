@@ -43,7 +43,7 @@ def _merge_use_running_average(constructor, call) -> bool:
             f"use_running_average was given both to BatchNorm(...) ({constructor!r}) and "
             f"at call time ({call!r}); pass it in one place only."
         )
-    return constructor if call is None else call
+    return _checks.check_use_running_average(constructor if call is None else call)
 
 
 def _core_state(mean, var, count=None) -> BatchNormState:
@@ -326,8 +326,8 @@ class BatchRenorm(nn.Module):
         Returns:
           The normalized ``x``, its dtype promoted with the parameters' (or ``dtype``).
         """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
+        use_running_average = _checks.check_use_running_average(
+            nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         )
         x = jnp.asarray(x)
         axes = _checks.normalize_axes(self.axis, x.ndim)

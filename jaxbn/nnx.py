@@ -30,13 +30,35 @@ from jaxbn._state import BatchNormState
 __all__ = ["BatchNorm", "BatchRenorm"]
 
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # Flax's defaults
-# BatchNorm keeps every other argument as an attribute of its name, as Flax's does
-_NOT_ATTRIBUTES = ("self", "rngs", "bias_init", "scale_init", "bias_metadata", "scale_metadata")
 
 
 def _param(use: bool, init, rngs: nnx.Rngs, shape, dtype, metadata=MappingProxyType({})):
     """``nnx.Param(init(key, shape, dtype))``, or ``nnx.data(None)`` when not used."""
     return nnx.Param(init(rngs.params(), shape, dtype), **metadata) if use else nnx.data(None)
+
+
+def _check_features(module, x) -> None:
+    """``x`` has the module's ``num_features`` along its ``axis``."""
+    axes = _checks.normalize_axes(module.axis, x.ndim)
+    shape = tuple(x.shape[a] for a in axes)
+    if shape != module.mean[...].shape:
+        raise ValueError(
+            f"x of shape {x.shape} has {shape if len(shape) > 1 else shape[0]} "
+            f"features along axis {module.axis}, but {type(module).__name__} was built with "
+            f"num_features={module.num_features!r}; expected x.shape[axis] == num_features."
+        )
+
+
+def _use_running_average(module, call) -> bool:
+    """The call's value, else the module's (set by the constructor, train() or eval())."""
+    value = module.use_running_average if call is None else call
+    if value is None:
+        raise ValueError(
+            "use_running_average is None both on the module and at call time; pass "
+            "use_running_average=True/False to BatchNorm(...) or the call, or use "
+            "model.train() / model.eval()."
+        )
+    return _checks.check_use_running_average(value)
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -145,7 +167,6 @@ class BatchNorm(nnx.BatchNorm):
         negative_slope: float = 0.01,
         inplace: bool = False,
     ):
-        arguments = dict(locals())
         shape = _checks.feature_shape_of(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -154,9 +175,27 @@ class BatchNorm(nnx.BatchNorm):
         # scale before bias: the order in which Flax draws keys from rngs.params
         self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
-        for name, value in arguments.items():
-            if name not in _NOT_ATTRIBUTES:
-                setattr(self, name, value)
+        self.num_features = num_features  # type: ignore[assignment]  # wider than Flax's int
+        self.use_running_average = use_running_average
+        self.axis = axis  # type: ignore[assignment]  # wider than Flax's int
+        self.momentum = _checks.check_momentum(momentum)
+        self.epsilon = _checks.check_eps(epsilon, name="epsilon")
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.unbiased_running_var = unbiased_running_var
+        self.renorm = renorm
+        self.virtual_batch_size = virtual_batch_size
+        self.frozen = frozen
+        self.custom_vjp = custom_vjp
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.inplace = inplace
 
     def __call__(
         self,
@@ -187,23 +226,9 @@ class BatchNorm(nnx.BatchNorm):
           ValueError: if ``use_running_average`` is None both here and on the
             module, or ``x`` does not have ``num_features`` along ``axis``.
         """
-        if use_running_average is None:
-            use_running_average = self.use_running_average
-        if use_running_average is None:
-            raise ValueError(
-                "use_running_average is None both on the module and at call time; pass "
-                "use_running_average=True/False to BatchNorm(...) or the call, or use "
-                "model.train() / model.eval()."
-            )
+        use_running_average = _use_running_average(self, use_running_average)
         x = jnp.asarray(x)
-        axes = _checks.normalize_axes(self.axis, x.ndim)
-        shape = tuple(x.shape[a] for a in axes)
-        if shape != self.mean[...].shape:
-            raise ValueError(
-                f"x of shape {x.shape} has {shape if len(shape) > 1 else shape[0]} "
-                f"features along axis {self.axis}, but BatchNorm was built with "
-                f"num_features={self.num_features!r}; expected x.shape[axis] == num_features."
-            )
+        _check_features(self, x)
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
         mean, var = self.mean[...], self.var[...]
@@ -278,6 +303,7 @@ class BatchRenorm(nnx.Module):
         rngs: nnx.Rngs,
     ):
         shape = _checks.feature_shape_of(num_features)
+        _checks.check_limits(r_max, d_max)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
         self.r_max = nnx.BatchStat(jnp.asarray(r_max, jnp.float32))
@@ -288,8 +314,8 @@ class BatchRenorm(nnx.Module):
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
+        self.momentum = _checks.check_momentum(momentum)
+        self.epsilon = _checks.check_eps(epsilon, name="epsilon")
         self.warmup_steps = warmup_steps
         self.dtype = dtype
         self.axis_name = axis_name
@@ -297,9 +323,9 @@ class BatchRenorm(nnx.Module):
 
     def __call__(self, x, use_running_average: bool | None = None):
         """Normalizes ``x``; in training updates ``mean``, ``var`` and ``steps``."""
-        if use_running_average is None:
-            use_running_average = self.use_running_average
+        use_running_average = _use_running_average(self, use_running_average)
         x = jnp.asarray(x)
+        _check_features(self, x)
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
         x, scale, bias = dtypes.promote_dtype((x, scale, bias), dtype=self.dtype)

@@ -779,3 +779,12 @@ def test_options_are_forwarded_to_the_core(options):
     assert rel_err(upd["batch_stats"]["var"], s_core.var) < 1e-6
     # the option must change something, or the two checks above prove nothing
     assert rel_err(y, y_plain) > 1e-3 or rel_err(s_core.var, s_plain.var) > 1e-3
+
+
+@pytest.mark.parametrize("cls", [jaxbn.linen.BatchNorm, jaxbn.linen.BatchRenorm])
+def test_a_traced_use_running_average_names_the_argument_and_the_fix(cls):
+    bn, x = cls(), jnp.ones((4, 3))
+    variables = bn.init(jax.random.key(0), x, use_running_average=True)
+    step = jax.jit(lambda v, x, t: bn.apply(v, x, use_running_average=t, mutable=["batch_stats"]))
+    with pytest.raises(TypeError, match=r"use_running_average must be a Python bool.*static"):
+        step(variables, x, True)

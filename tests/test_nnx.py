@@ -576,3 +576,35 @@ def test_options_are_forwarded_to_the_core(options):
     assert rel_err(bn.var[...], s_core.var) < 1e-6
     # the option must change something, or the two checks above prove nothing
     assert rel_err(y, y_plain) > 1e-3 or rel_err(s_core.var, s_plain.var) > 1e-3
+
+
+@pytest.mark.parametrize("cls", [jaxbn.nnx.BatchNorm, jaxbn.nnx.BatchRenorm])
+def test_a_traced_use_running_average_names_the_argument_and_the_fix(cls):
+    bn = cls(3, rngs=nnx.Rngs(0))
+    step = nnx.jit(lambda m, x, t: m(x, use_running_average=t))
+    with pytest.raises(TypeError, match=r"use_running_average must be a Python bool.*static"):
+        step(bn, jnp.ones((4, 3)), True)
+
+
+def test_batch_renorm_names_num_features_for_a_wrong_feature_count():
+    bn = jaxbn.nnx.BatchRenorm(3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"BatchRenorm was built with num_features=3"):
+        bn(jnp.ones((4, 4)))
+
+
+@pytest.mark.parametrize("cls", [jaxbn.nnx.BatchNorm, jaxbn.nnx.BatchRenorm])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"momentum": 1.5}, r"momentum must be a number in \[0, 1\].*got 1.5"),
+        ({"epsilon": float("nan")}, r"epsilon must be a finite number > 0, got nan"),
+    ],
+)
+def test_bad_momentum_and_epsilon_are_refused_at_construction(cls, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cls(3, rngs=nnx.Rngs(0), **kw)
+
+
+def test_batch_renorm_limits_are_refused_at_construction():
+    with pytest.raises(ValueError, match=r"r_max must be a finite number >= 1, got 0.5"):
+        jaxbn.nnx.BatchRenorm(3, r_max=0.5, rngs=nnx.Rngs(0))
