@@ -231,11 +231,15 @@ def forward(spec: Spec, x, gamma, beta, residual=None, mask=None, renorm=None, f
     mo = moments(spec, x, mask)
     if mask is not None:  # a feature that no value counts for: see the module docstring
         fb_mean, fb_var = (0.0, 1.0) if fallback is None else fallback
-        seen = mo.count > 0
+        # every operand of the selects typed like the statistics (sharded like x's
+        # features on an Explicit mesh): a count from a mask broadcast along the
+        # features, or a fallback made outside the mesh, is replicated or meshless
+        like = jnp.zeros_like(mo.var)
+        seen = (mo.count > 0) | (like != 0)
         mo = _stats.Moments(
-            jnp.where(seen, mo.shift, jnp.asarray(fb_mean, mo.shift.dtype)),
+            jnp.where(seen, mo.shift, like.astype(mo.shift.dtype) + fb_mean),
             jnp.where(seen, mo.delta, 0),
-            jnp.where(seen, mo.var, jnp.asarray(fb_var, mo.var.dtype)),
+            jnp.where(seen, mo.var, like + jnp.asarray(fb_var, mo.var.dtype)),
             mo.count,
         )
     rstd = lax.rsqrt(mo.var + spec.eps)

@@ -120,9 +120,11 @@ def update(state: BatchNormState, mean, var, seen, momentum) -> BatchNormState:
     new_mean = keep * state.mean.astype(mean_dt) + w * mean.astype(mean_dt)
     new_var = keep * state.var + w * var.astype(dt)
     step = jnp.ones((), state.count.dtype)
-    if seen is not None:
-        new_mean = jnp.where(seen, new_mean, state.mean)
-        new_var = jnp.where(seen, new_var, state.var)
+    if seen is not None:  # the selects' operands typed alike (see jaxbn._core.forward)
+        like = jnp.zeros_like(new_var)
+        seen = seen | (like != 0)
+        new_mean = jnp.where(seen, new_mean, state.mean + like.astype(new_mean.dtype))
+        new_var = jnp.where(seen, new_var, state.var + like)
         step = jnp.any(seen).astype(state.count.dtype)
     return BatchNormState(new_mean, new_var, state.count + step)
 

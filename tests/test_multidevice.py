@@ -1,5 +1,7 @@
 """Data parallel on 8 simulated CPU devices: the global batch's statistics and gradients."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -290,3 +292,56 @@ def test_one_row_per_device_normalizes_across_two_devices():
     f = lambda r: jaxbn.batch_norm(r, None, None, jaxbn.init_state(3), training=True, axis_name="b")  # noqa: E731
     y, _ = jax.jit(jax.vmap(f, axis_name="b"))(jnp.arange(6.0).reshape(2, 1, 3))
     np.testing.assert_allclose(np.asarray(y)[:, 0, 0], [-1, 1], atol=1e-3)
+
+
+EXPLICIT_LAYOUTS = {  # mesh shape and names, x's spec (N, H, C), the mask's spec by its shape
+    "1d": ((ND,), ("batch",), P("batch")),
+    "2d": ((4, 2), ("batch", "model"), P("batch")),
+    "2d_features_sharded": ((4, 2), ("batch", "model"), P("batch", None, "model")),
+}
+MASK_SHAPES = [(32, 3, 6), (32, 1, 1), (32, 3, 1), (32, 1, 6), (1, 3, 6)]
+
+
+@pytest.mark.parametrize("layout", EXPLICIT_LAYOUTS)
+@pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("in_context", [False, True])
+def test_masks_of_every_broadcast_shape_on_explicit_meshes(layout, mask_shape, in_context):
+    # issue 37: features sharded and a mask broadcast along them crashed in a select
+    # whose operands had different shardings (the count replicated, the state meshless)
+    shape, names, spec = EXPLICIT_LAYOUTS[layout]
+    explicit = jax.make_mesh(shape, names, axis_types=(AxisType.Explicit,) * len(shape))
+    x, gamma, beta, w = problem((32, 3, 6))
+    keep = np.random.RandomState(1).rand(*mask_shape) > 0.3
+    keep.flat[0] = False  # the first row excluded
+    mask = jnp.asarray(keep)
+    mask_spec = P(*(p if mask_shape[i] > 1 else None for i, p in enumerate(spec)))
+    put = lambda a, s: jax.device_put(a, NamedSharding(explicit, s))  # noqa: E731
+    args = (put(x, spec), gamma, beta, put(w, spec), put(mask, mask_spec))
+    with jax.set_mesh(explicit) if in_context else contextlib.nullcontext():
+        y, st, grads = single(*args)
+    assert_same(y, st, grads, single(x, gamma, beta, w, mask))
+
+
+@pytest.mark.parametrize(
+    "mask_shape", [(32, 1, 1), (32, 1, 6)], ids=lambda s: "x".join(map(str, s))
+)
+def test_linen_batch_norm_with_a_broadcast_mask_on_a_features_sharded_mesh(mask_shape):
+    import flax.linen as nn
+
+    import jaxbn.linen
+
+    _, names, spec = EXPLICIT_LAYOUTS["2d_features_sharded"]
+    explicit = jax.make_mesh((4, 2), names, axis_types=(AxisType.Explicit,) * 2)
+    x = problem((32, 3, 6))[0]
+    mask = jnp.asarray(np.random.RandomState(2).rand(*mask_shape) > 0.3)
+    mask_spec = P(*(p if mask_shape[i] > 1 else None for i, p in enumerate(spec)))
+    put = lambda a, s: jax.device_put(a, NamedSharding(explicit, s))  # noqa: E731
+    outs = []
+    for bn in (nn.BatchNorm(use_running_average=False), jaxbn.linen.BatchNorm(False)):
+        v = bn.init(jax.random.key(0), x)
+        run = jax.jit(lambda v, x, m: bn.apply(v, x, mask=m, mutable=["batch_stats"]))  # noqa: B023
+        outs.append(run(v, put(x, spec), put(mask, mask_spec)))
+    (y_flax, s_flax), (y, s) = outs
+    assert rel_err(y, y_flax) < 1e-4
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s_flax)):
+        assert rel_err(a, b) < 1e-4
