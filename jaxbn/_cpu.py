@@ -1,7 +1,7 @@
 """XLA:CPU tactics: the same computations as ``jaxbn._stats``, shaped for XLA:CPU.
 
 Only CPU runs these (``jaxbn._platform`` decides). They exist because of three facts
-about XLA:CPU (jax 0.10, measured with ``python -m jaxbn bench``):
+about XLA:CPU (jax 0.10, measured with ``python benchmarks/cpu_bench.py``):
 
 - a sum of ``x`` or ``x * x`` is one fast fused reduction, but a broadcast subtract
   inside a reduction (a sum of ``x - s``) costs 1.5-3x as much, and a variadic
