@@ -243,7 +243,23 @@ def batch_norm(
       >>> state.mean
       Array([0.2, 2. ], dtype=float32)
     """
-    return normalize(**locals())  # every argument, by name
+    return normalize(
+        x,
+        gamma,
+        beta,
+        state,
+        training=training,
+        axis=axis,
+        momentum=momentum,
+        eps=eps,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        unbiased_running_var=unbiased_running_var,
+        renorm=renorm,
+        virtual_batch_size=virtual_batch_size,
+        custom_vjp=custom_vjp,
+    )
 
 
 @standard_promotion
@@ -304,7 +320,27 @@ def batch_norm_act(
       Array([[0., 0.],
              [1., 1.]], dtype=float32)
     """
-    return normalize(**locals())  # every argument, by name
+    return normalize(
+        x,
+        gamma,
+        beta,
+        state,
+        training=training,
+        activation=activation,
+        negative_slope=negative_slope,
+        residual=residual,
+        inplace=inplace,
+        axis=axis,
+        momentum=momentum,
+        eps=eps,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        unbiased_running_var=unbiased_running_var,
+        renorm=renorm,
+        virtual_batch_size=virtual_batch_size,
+        custom_vjp=custom_vjp,
+    )
 
 
 @standard_promotion
