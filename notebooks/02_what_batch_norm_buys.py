@@ -35,7 +35,7 @@
 # each claim holds and fails, close the notebook.
 #
 # **Method.** Every number below is printed by the cell that computed it, from the
-# seeds of the `parameters` cell below (five); figures show the mean with the spread over seeds
+# seeds of the `parameters` cell below; figures show the mean with the spread over seeds
 # (bands or bars: the range, min to max, unless said otherwise). A seed fixes the
 # initial weights (NumPy standard-normal draws, the same for the networks with and
 # without batch norm) and the batch order. The data are scikit-learn's 1797
@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+import scipy.stats
 from jax import lax
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -304,6 +305,39 @@ def n_of(mask):
     return f"{int(np.sum(mask))} of {np.size(mask)}"
 
 
+# Paired comparisons: every arm of an experiment shares each seed's initial weights and
+# batch order, so arms are compared seed by seed. T975 is Student's t for a two-sided
+# test at 5% with n - 1 degrees of freedom (2.78 for 5 seeds), not 2.
+T975 = scipy.stats.t.ppf(0.975, len(SEEDS) - 1)
+
+
+def paired(a, b):
+    """Mean and standard error of a - b, paired by seed."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return d.mean(), np.std(d, ddof=1) / np.sqrt(len(d))
+
+
+def higher(a, b):
+    """a above b: the paired mean beyond T975 standard errors (two-sided 5%)."""
+    m, se = paired(a, b)
+    return m > 0 and m > T975 * se
+
+
+def agree(a, b, digit):
+    """No difference detected: |paired mean| within T975 standard errors, or under one
+    evaluation digit (the resolution: seeds that all tie have no spread)."""
+    m, se = paired(a, b)
+    return abs(m) <= max(T975 * se, digit)
+
+
+def paired_text(a, b):
+    """'mean [95% CI], t, verdict' of a - b, paired by seed."""
+    m, se = paired(a, b)
+    t = m / se if se > 0 else np.inf * np.sign(m)
+    verdict = "detected" if abs(t) > T975 else "not detected"
+    return f"{m:+.4f} [{m - T975 * se:+.4f}, {m + T975 * se:+.4f}], t {t:+.1f}: {verdict}"
+
+
 # %% [markdown]
 # ## 1. Learning rate: what batch norm buys most
 #
@@ -313,7 +347,8 @@ def n_of(mask):
 # plain baseline at hand: a ReLU MLP with three hidden layers of 100, He
 # initialization, standardized inputs; plain SGD (no momentum) for `SWEEP_STEPS`
 # steps of 64 digits, learning rates from `1e-3` to `10` in steps of `sqrt(10)`
-# (wide enough that the plain network's best rate lies inside the grid), five seeds.
+# (wide enough that the plain network's best rate lies inside the grid), the seeds of
+# `SEEDS`.
 # The same run covers three initialization scales for §2: every weight is drawn from
 # He's `N(0, 2 / fan_in)` times a gain of `0.01`, `1` or `10`. The figure
 # shows gain 1 (He's scale). The best rate is chosen on the validation half, its
@@ -377,6 +412,11 @@ for bn in (False, True):
         f"(test {mean_sd(acc)}); every seed >= 0.9 on validation at {len(ok)} of {len(LRS)} "
         f"rates, {LRS[ok].min():.3g} to {LRS[ok].max():.3g}"
     )
+(_, a_pl), (_, a_bn) = chosen(sweep, False, J_HE), chosen(sweep, True, J_HE)
+print(
+    "at their chosen rates, BN minus no BN, paired by seed: " + paired_text(a_bn, a_pl)
+    + f"; BN higher on {n_of(a_bn > a_pl)} seeds, lower on {n_of(a_bn < a_pl)}"
+)
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), layout="constrained")
@@ -411,18 +451,21 @@ plt.show()
 # standardized inputs, batch norm widens the range of learning rates that train
 # *upward only*.
 #
-# - *Upward.* Without batch norm the good range ends at its best rate or one step of
-#   `sqrt(10)` above it, and at ten times its best rate every seed diverges to NaN. With batch
-#   norm the network trains at rates up to ten times larger, and fails only at the
-#   largest, without a NaN: the normalized layers cannot blow up, but the unnormalized
+# - *Upward.* Without batch norm the good range ends near its best rate, and above it
+#   every seed diverges to NaN (the table). With batch norm the network trains at rates
+#   at least one grid step (`sqrt(10)`) above the plain network's range, including
+#   rates where every plain seed diverges, and fails only at the largest, without a
+#   NaN: the normalized layers cannot blow up, but the unnormalized
 #   output layer no longer learns.
 # - *Downward: no gain.* At small rates the plain network trains as fast or faster.
 #   (An earlier version of this notebook found batch norm faster there too; that was
 #   against a plain network on raw pixels with too small weights.)
-# - *At its best rate* the plain network comes within the seeds' spread of batch
-#   norm's accuracy: what batch norm buys here is not a better optimum but a wider
-#   target above it for the learning rate, Bjorck et al.'s (2018) result, on a small
-#   scale and on one side.
+# - *At their chosen rates*, paired by seed, batch norm is higher on most seeds and
+#   rarely lower, by the printed difference, a small gain whose detection with this
+#   many seeds the printed interval decides (it is not asserted either way; only that
+#   the plain network is not higher). What batch norm buys most here is not a better
+#   optimum but a wider target above it for the learning rate, Bjorck et al.'s (2018)
+#   result, on a small scale and on one side.
 
 # %% [markdown]
 # ## 2. Robustness to poor initialization, with the learning rate tuned
@@ -453,6 +496,19 @@ for opt_name, sw, lrs in (("SGD", sweep, LRS), ("Adam", sweep_adam, LRS_ADAM)):
             line += f" {lrs[k]:9.3g}{edge} {mean_sd(acc):>14} |"
         print(line[:-2])
 print("* the chosen rate is at an end of the grid")
+for label, x, y in (
+    ("SGD, BN: gain 0.01 minus gain 1", best["SGD", True, 0.01][1], best["SGD", True, 1.0][1]),
+    ("Adam, gain 0.01: BN minus no BN", best["Adam", True, 0.01][1], best["Adam", False, 0.01][1]),
+    ("SGD, gain 10: BN minus no BN", best["SGD", True, 10.0][1], best["SGD", False, 10.0][1]),
+    ("Adam, gain 10: BN minus no BN", best["Adam", True, 10.0][1], best["Adam", False, 10.0][1]),
+    ("SGD, no BN: gain 1 minus gain 10", best["SGD", False, 1.0][1], best["SGD", False, 10.0][1]),
+    ("SGD, BN: gain 1 minus gain 10", best["SGD", True, 1.0][1], best["SGD", True, 10.0][1]),
+):
+    print(f"{label:34} paired: {paired_text(x, y)}")
+print("Adam, no BN, gain 0.01, test accuracy per seed:", np.round(best["Adam", False, 0.01][1], 3))
+for b in (False, True):
+    r1, r10 = best["SGD", b, 1.0][0], best["SGD", b, 10.0][0]
+    print(f"SGD, {'BN' if b else 'no BN'}: chosen rate at gain 10 / at gain 1 = {r10 / r1:.3g}")
 
 # %%
 fig, axes = plt.subplots(2, 3, figsize=(16, 8), layout="constrained")
@@ -483,23 +539,32 @@ fig.colorbar(im, ax=axes[:, :2], shrink=0.6, label="test accuracy")
 plt.show()
 
 # %% [markdown]
-# **What it shows.** The claim holds for one optimizer and one direction.
+# **What it shows.** The claim holds for one optimizer and one direction (paired
+# comparisons printed below the table).
 #
 # - *Weights too small* (gain `0.01`) *with SGD*: a genuine robustness. Without batch
 #   norm the signal dies out across the layers and no learning rate leaves chance;
-#   with batch norm this scale trains as well as He's. *With Adam the gap narrows*:
-#   Adam's steps do not shrink with the vanishing gradients, and the plain network
-#   trains from tiny weights to about 0.9 (above 0.85 on every seed), several points
-#   below its He accuracy and below batch norm's (the table).
+#   with batch norm no difference from He's scale is detected (the interval printed
+#   bounds it). *With Adam the gap narrows*: Adam's steps do not shrink with the
+#   vanishing gradients, and the plain network trains from tiny weights, far above
+#   chance on every seed, below batch norm on average (printed; detected on some seed
+#   sets, not on others, where the plain network's spread is large). How far it gets varies
+#   with the seeds: its good rates form a narrow peak that the factor-10 grid may hit
+#   or straddle, so its accuracy per seed (printed) is not claimed beyond that.
 # - *Weights too large* (gain `10`): tuned, both networks lose accuracy against He's
-#   scale, the plain one more with SGD (its best rate falls about a hundredfold);
-#   batch norm's best SGD rate is among the largest of the grid, because large weights
-#   under batch norm take small effective steps. With Adam batch norm keeps a little
-#   more (printed).
+#   scale with SGD (detected); the plain network's chosen rate falls (printed), and it
+#   ends below batch norm on average (detected on some seed sets). Batch norm's chosen
+#   SGD rate rises by at most one grid step with the gain (printed), although under
+#   batch norm a weight 10 times larger takes a step 100 times smaller relative to
+#   itself (van Laarhoven 2017): the rates that would call for lie above the grid's
+#   good range, where the unnormalized output layer stops learning (§1). With Adam
+#   batch norm also keeps more at gain 10 on average (printed; not always detected).
 # - Read this way, batch norm's robustness to initialization is real where SGD meets
 #   a plain network whose forward pass collapses, and elsewhere it is largely the
-#   learning-rate robustness of §1: on a batch-norm network the initial scale acts as
-#   an inverse learning rate. With an adaptive optimizer much of it is not needed.
+#   learning-rate robustness of §1. The theory that the initial scale acts on a
+#   batch-norm network as an inverse learning rate is not what this sweep shows:
+#   batch norm's chosen rate moves with the gain by a grid step at most here. With an adaptive
+#   optimizer much of the robustness is not needed.
 
 # %% [markdown]
 # ## 3. Vanishing and exploding gradients
@@ -815,10 +880,14 @@ plt.show()
 # gradient `g` by `eta` from 0.25 to 4 times the learning rate `lr`, and record
 #
 # - the gradient norm `|g|`;
-# - the range of the loss over those points, divided by `lr * |g|**2` (the decrease a
-#   step of `lr` promises to first order): a network with smaller gradients has a
-#   smaller raw range for that reason alone, so only the ratio says whether the loss is
-#   more *predictable* along the step;
+# - the *first-order error* `max_eta |(L(w - eta g) - L(w)) / (eta |g|**2) + 1|`: the
+#   loss change over the decrease the gradient promises to first order, `eta |g|**2`,
+#   is -1 where the loss is linear along `-g`, so this is how far the loss departs from
+#   the gradient's prediction over those steps, per unit of promised decrease (0: the
+#   loss is perfectly predictable along the step). Santurkar et al. plot the range of
+#   the loss over the steps instead; divided by `lr |g|**2` that range is not monotone
+#   in smoothness (a loss that is linear along `-g`, the smoothest, gives
+#   `4 - 0.25 = 3.75`), so it is printed no more;
 # - the gradient change per unit step, `max ||grad L(w - eta g) - g|| / (eta |g|)`, a
 #   local estimate of the gradient's Lipschitz constant (how *predictive* the gradient
 #   is).
@@ -836,7 +905,8 @@ NOISE = 0.5
 
 
 def landscape(params, states, i, t, hp):
-    """|g|, the loss range along -g over lr |g|^2, and the gradient change per unit step."""
+    """|g|, the first-order error along -g, the gradient change per unit step, and
+    whether the loss along -g is lowest at the largest step."""
 
     def loss_fn(p):
         logits = mlp(p, states, X_train[i], training=True, bn=hp["bn"])[0]
@@ -845,7 +915,7 @@ def landscape(params, states, i, t, hp):
     def norm(tree):
         return jnp.sqrt(sum(jnp.sum(a**2) for a in jax.tree.leaves(tree)))
 
-    g = jax.grad(loss_fn)(params)
+    value0, g = jax.value_and_grad(loss_fn)(params)
     g_norm = norm(g)
 
     def at(eta):
@@ -853,8 +923,12 @@ def landscape(params, states, i, t, hp):
         value, g2 = jax.value_and_grad(loss_fn)(p)
         return value, norm(jax.tree.map(jnp.subtract, g2, g)) / (eta * g_norm)
 
-    values, change = jax.vmap(at)(jnp.asarray(ETAS, jnp.float32))
-    return g_norm, (values.max() - values.min()) / (LR_LAND * g_norm**2), change.max()
+    etas = jnp.asarray(ETAS, jnp.float32)
+    values, change = jax.vmap(at)(etas)
+    # the loss change over the decrease the gradient promises, -eta |g|^2: -1 where the
+    # loss is linear along -g, so |ratio + 1| is the first-order model's relative error
+    first_order = jnp.max(jnp.abs((values - value0) / (etas * g_norm**2) + 1))
+    return g_norm, first_order, change.max(), jnp.argmin(values) == len(ETAS) - 1
 
 
 LAND_ARMS = {"without BN": (False, 0.0), "with BN": (True, 0.0), "noisy BN": (True, NOISE)}
@@ -869,16 +943,14 @@ hp = {  # one program for the three arms: bn False is no BN, noise 0 plain batch
 }
 _, losses, mons = train_land(params, states, hp, jnp.tile(idx5, (len(LAND_ARMS), 1, 1)))
 split = [np.asarray(v).reshape(len(LAND_ARMS), len(SEEDS), -1) for v in (losses, *mons)]
-land = {
-    n: dict(zip(("loss", "grad_norm", "range", "change"), (v[k] for v in split)))
-    for k, n in enumerate(LAND_ARMS)
-}
+LAND_KEYS = ("loss", "grad_norm", "first_order", "change", "lowest_at_largest")
+land = {n: dict(zip(LAND_KEYS, (v[k] for v in split))) for k, n in enumerate(LAND_ARMS)}
 land_steps = np.arange(15, 151, 15)
 
 PANELS = {
     "loss": "training loss",
     "grad_norm": "gradient norm |g|",
-    "range": "loss range along -g / (lr |g|^2)",
+    "first_order": "first-order error along -g",
     "change": "gradient change per unit step",
 }
 fig, axes = plt.subplots(1, 4, figsize=(19, 4), layout="constrained")
@@ -897,43 +969,64 @@ plt.show()
 lower = {key: land["with BN"][key] < land["without BN"][key] for key in PANELS if key != "loss"}
 for name, r in land.items():
     print(
-        f"{name:10}: median over steps and seeds: |g| {np.median(r['grad_norm']):.3f}, loss range "
-        f"/ (lr |g|^2) {np.median(r['range']):.3f}, gradient change per unit step "
+        f"{name:10}: median over steps and seeds: |g| {np.median(r['grad_norm']):.3f}, "
+        f"first-order error {np.median(r['first_order']):.3f}, gradient change per unit step "
         f"{np.median(r['change']):.2f}; final loss (mean of last 20 steps) "
-        f"{mean_sd(r['loss'][:, -20:].mean(1))}"
+        f"{mean_sd(r['loss'][:, -20:].mean(1))}; loss along -g lowest at the largest step in "
+        f"{n_of(r['lowest_at_largest'])} (seed, step) pairs"
     )
 print(
     "with BN lower than without, in (seed, step) pairs: "
     + ", ".join(f"{key} {n_of(v)}" for key, v in lower.items())
 )
+# per seed (the median over its steps), paired: on how many seeds BN is lower
+lower_seeds = {
+    key: np.median(land["with BN"][key], 1) < np.median(land["without BN"][key], 1)
+    for key in lower
+}
+print(
+    "with BN lower than without, per seed (median over steps): "
+    + ", ".join(f"{key} {n_of(v)}" for key, v in lower_seeds.items())
+)
+for key in lower:  # paired over the seeds, on the log of each seed's median
+    print(f"  {key}, log(with BN / without BN): " + paired_text(
+        np.log(np.median(land["with BN"][key], 1)), np.log(np.median(land["without BN"][key], 1))
+    ))
+print("  change, log(noisy BN / with BN): " + paired_text(
+    np.log(np.median(land["noisy BN"]["change"], 1)), np.log(np.median(land["with BN"]["change"], 1))
+))
 
 # %% [markdown]
 # **What it shows.** On this problem, against a plain network on standardized inputs
-# with He initialization, Santurkar et al.'s picture does *not* carry over (numbers
-# printed above):
+# with He initialization (numbers printed above; "detected" is a paired t over the
+# seeds, each seed's median over its steps, two-sided 5%):
 #
-# - batch norm's gradients are not smaller but about as large or larger, so a smaller
-#   raw loss range could not come from smoothness anyway;
-# - divided by what the step promises (`lr * |g|**2`), the loss varies *more* along
-#   the step with batch norm, in most (seed, step) pairs;
-# - the gradient change per unit step is about the same, lower with batch norm in
-#   about half the pairs (printed), with overlapping bands.
+# - batch norm's gradients are not smaller but larger, in nearly every (seed, step)
+#   pair;
+# - per unit of promised decrease, the loss along the step departs *less* from the
+#   gradient's first-order prediction with batch norm, in most pairs, and the
+#   difference is detected over the seeds: in this sense batch norm's landscape is more predictable, Santurkar et al.'s
+#   direction. (Along `-g` the loss is lowest at the largest step tried in nearly every
+#   pair, for every arm: over these steps the loss is close to linear, and a range of
+#   the loss would reward departures from that.)
+# - the gradient change per unit step, a local estimate of the gradient's Lipschitz
+#   constant, is lower with batch norm on most seeds, but the difference is not
+#   detected with this many seeds (its paired t is printed).
 #
 # An earlier version of this notebook, against a plain network on raw pixels, found
-# batch norm's landscape smoother; the difference is the baseline. Noisy batch norm,
-# whose nonlinearities see distributions that move at every step, still trains (to a
-# higher loss, as its noise stays on) and its gradient is, if anything, the most
-# predictive of the three: moving distributions do not make this landscape rougher.
-# At this learning rate, on this small MLP, no smoother landscape is measured; what §1
-# shows, that batch norm tolerates larger rates, is not explained by these local
-# measures here.
+# batch norm's landscape smoother too. Noisy batch norm, whose nonlinearities see
+# distributions that move at every step, still trains (to a higher loss, as its noise
+# stays on), and its gradient change per unit step is not detectably higher than
+# batch norm's: moving distributions do not make this landscape measurably rougher.
+# The local measures thus agree with Santurkar et al. on predictability, weakly, and
+# cannot say whether that is what lets batch norm take the larger rates of §1.
 
 # %% [markdown]
 # ## 5. Overfitting
 #
 # To give overfitting a chance, a wide ReLU MLP (two hidden layers of 256, He
 # initialization) sees only the first 200 training digits, for `OVERFIT_STEPS` steps
-# of Adam (learning rate `1e-3`, batches of 32; 400 steps are 64 epochs). Accuracy and
+# of Adam (learning rate `1e-3`, batches of 32; the epochs are printed). Accuracy and
 # cross-entropy on the 450 held-out digits every 50 steps. Beside batch norm, the
 # controls a reader expects and one that separates batch norm's mechanisms:
 #
@@ -1014,31 +1107,50 @@ for ax in axes:
     ax.grid(alpha=0.3)
 plt.show()
 rise = {n: vl[:, -1] - vl.min(1) for n, (_, _, vl) in overfit.items()}
+print(f"{OVERFIT_STEPS} steps of 32 on {N_SMALL} digits: {OVERFIT_STEPS * 32 / N_SMALL:.0f} epochs")
 print(f"final values, mean ± sd over {len(SEEDS)} seeds:")
 print(f"{'':26}{'train acc':>15}{'held-out acc':>15}{'held-out loss':>15}{'loss rise':>15}")
 for n, (tr, va, vl) in overfit.items():
     cols = (tr[:, -1], va[:, -1], vl[:, -1], rise[n])
     print(f"{n:26}" + "".join(f"{mean_sd(c):>15}" for c in cols))
-acc_diff = overfit["with BN"][1][:, -1] - overfit["without BN"][1][:, -1]
-print(f"held-out accuracy, BN minus no BN, paired by seed: {mean_sd(acc_diff)}")
+print(f"paired by seed, mean [95% CI], t (|t| > {T975:.2f}: detected at 5%):")
+final_of = {n: (tr[:, -1], va[:, -1], vl[:, -1]) for n, (tr, va, vl) in overfit.items()}
+for label, (a, b, k) in {
+    "held-out accuracy, BN - no BN": ("with BN", "without BN", 1),
+    "held-out loss, no BN - BN": ("without BN", "with BN", 2),
+    "held-out loss, no BN - weight decay": ("without BN", "weight decay", 2),
+    "held-out loss, no BN - dropout": ("without BN", "dropout", 2),
+    "held-out loss, no BN - noise-free BN": ("without BN", "BN, noise-free statistics", 2),
+    "held-out loss, noise-free BN - BN": ("BN, noise-free statistics", "with BN", 2),
+    "held-out loss, weight decay - BN": ("weight decay", "with BN", 2),
+}.items():
+    print(f"  {label:38}{paired_text(final_of[a][k], final_of[b][k])}")
+kept = paired(final_of["without BN"][2], final_of["BN, noise-free statistics"][2])[0]
+print(f"share of BN's held-out loss reduction that noise-free statistics keep: "
+      f"{kept / paired(final_of['without BN'][2], final_of['with BN'][2])[0]:.0%}")
 
 # %% [markdown]
 # **What it shows.** Every network fits all of its training digits: batch norm does not
 # stop a network from memorizing its training set. On standardized inputs none of the
 # arms' held-out loss climbs much in this run (the rise column), so the test is the
-# held-out loss and accuracy at the end:
+# held-out loss and accuracy at the end, paired by seed (printed above):
 #
-# - *Accuracy*: all arms within about a point of each other, inside the seeds' spread;
-#   batch norm buys no held-out accuracy here (the paired difference printed above).
-# - *Held-out loss*: batch norm ends lower than the plain network, by about as much as
-#   weight decay does; dropout does not lower it in this run.
-# - *Mechanism*: batch norm with noise-free statistics ends where noisy batch norm
-#   does (within the seeds' spread; its own gap to the plain network is of the same
-#   size, but on one of the two seed sets we ran it is under two standard errors). So what lowers the held-out loss here is not the noise of batch statistics
-#   (Luo et al.'s mechanism): it is something batch norm shares with weight decay, such
-#   as keeping the logits' scale in check. The original paper claims only that batch
-#   norm "reduces the need for Dropout"; on this evidence it regularizes about as much
-#   as a weight decay of 1, and not through noise.
+# - *Accuracy*: batch norm's held-out accuracy is higher than the plain network's on
+#   average, by the printed difference, small; with this many seeds it is detected on
+#   some seed sets and not on others, so only "not lower" is asserted.
+# - *Held-out loss*: batch norm ends lower than the plain network (detected), by as
+#   much as weight decay lowers it or more (batch norm's loss is not detectably above
+#   weight decay's); no reduction from dropout is detected.
+# - *Mechanism*: batch norm with noise-free statistics also ends below the plain
+#   network (detected), keeping most of batch norm's reduction (the printed share).
+#   So the noise of batch statistics (Luo et al.'s mechanism) is not what produces
+#   most of it here: it is something batch norm shares with weight decay, such as
+#   keeping the logits' scale in check. Whether the noise adds the rest is not
+#   resolved: noise-free minus noisy batch norm is not detected, but its interval is
+#   not narrow compared with the effect (printed), so a contribution of the noise is
+#   not excluded. The original paper claims only that batch norm "reduces the need for
+#   Dropout"; on this evidence it regularizes at least as much as a weight decay of 1,
+#   mostly not through noise.
 
 # %% [markdown]
 # ## 6. What a hidden unit sees (the paper's Figure 1), and noisy batch norm
@@ -1272,6 +1384,22 @@ for name in SMALL_ARMS:
     print(f"{name:26}" + "".join(f"{mean_sd(small[b, name]):>15}" for b in BATCHES))
 for name in ("BN", "ghost BN (16)"):
     print(f"batch 128, {len(idx128[0])} steps, {name:14} {mean_sd(small[128, name])}")
+print(f"\npaired by seed: mean difference (t; |t| > {T975:.2f} is detected at 5%)")
+SMALL_PAIRS = {
+    "no BN - BN": ("no BN", "BN"),
+    "population - BN": ("BN, population stats", "BN"),
+    "unbiased - BN": ("BN, unbiased running var", "BN"),
+    "BN - batch stats": ("BN", "BN, batch statistics"),
+    "renorm - BN": ("BN, renorm", "BN"),
+}
+print(f"{'':18}" + "".join(f"{'batch ' + str(b):>17}" for b in BATCHES))
+for label, (a, b) in SMALL_PAIRS.items():
+    cells = []
+    for batch in BATCHES:
+        m, se_ = paired(small[batch, a], small[batch, b])
+        cells.append(f"{m:+.3f} ({m / se_ if se_ > 0 else np.inf * np.sign(m):+.1f})")
+    print(f"{label:18}" + "".join(f"{c:>17}" for c in cells))
+print("batch 128, ghost BN - BN: " + paired_text(small[128, "ghost BN (16)"], small[128, "BN"]))
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(15, 4.5), layout="constrained", width_ratios=(3, 1))
@@ -1298,26 +1426,27 @@ for ax in axes:
 plt.show()
 
 # %% [markdown]
-# **What it shows** (the numbers are printed above).
+# **What it shows** (the numbers are printed above; "detected" is the paired t over
+# the seeds beyond the printed threshold, two-sided 5%).
 #
-# - *Where batch norm starts to fail*: at batches of 16 and 32 it is within the
-#   seeds' spread of the plain network; at 8 it is lower on average by up to a point
-#   or two (beyond the spread on one of the two seed sets we ran), at 4 by a few points
-#   (beyond the spread on the other), and at 2 it breaks training, not only
-#   evaluation. Normalizing over two values maps every feature to
-#   about -1 or +1, so the network learns from the sign of each feature relative to
-#   its batch partner.
+# - *Where batch norm starts to fail*: at a batch of 16 no difference from the plain
+#   network is detected; at 32 and at 8 batch norm is lower on average, detected on
+#   some seed sets and not on others (the table); at 4 it is lower, detected (by the
+#   printed amount); and at 2 it breaks training, not only evaluation. Normalizing over two
+#   values maps every feature to about -1 or +1, so the network learns from the sign
+#   of each feature relative to its batch partner.
 # - *Wu and Johnson's evaluation remedies* mend little: population statistics
-#   (PreciseBN) gain a few points on average at 2 and 4, within the seeds' spread, and
-#   nothing from 8 up, the unbiased
-#   running variance nothing, and evaluating with batch statistics of the training
-#   size, as in training, is worse at every size below 32 (the statistics of a few
-#   held-out digits are as noisy as the training batches'). The damage at 2 is in the
-#   weights, not the statistics.
+#   (PreciseBN) are never detectably worse than the running ones and gain a little on
+#   average (the table; detected at some batch sizes on some seed sets), far from mending a batch of 2; the unbiased running variance gains
+#   nothing detected (at 2 it is worse on some seed sets); and evaluating with batch
+#   statistics of the training size, as in training, is worse at every size below 32
+#   (the statistics of a few held-out digits are as noisy as the training batches').
+#   The damage at 2 is in the weights, not the statistics.
 # - *Batch renormalization*, which changes training, recovers part of the loss at a
-#   batch of 2, and from 4 up agrees with plain batch norm.
-# - *At a large batch*, ghost batches of 16 are within the seeds' spread of plain batch
-#   norm on this small problem.
+#   batch of 2, and from 4 up gains nothing detected (it is slightly lower at some
+#   sizes, printed).
+# - *At a large batch*, ghost batches of 16 are not worse than plain batch norm on
+#   this small problem (slightly better on average; detected on some seed sets).
 #
 # So from a batch of about 8 down the remedy is more data per normalization, not a
 # correction: normalize over the global batch across devices (`axis_name`, notebook
@@ -1328,25 +1457,28 @@ plt.show()
 #
 # | claim in the notes | verdict | holds when | fails when | literature |
 # | --- | --- | --- | --- | --- |
-# | 1. robust to poor initialization | partly, mostly with SGD | weights too small, trained with SGD: the plain net's forward pass dies and no learning rate saves it (§2) | with Adam the plain net trains from tiny weights too, several points below batch norm; weights too large: mostly an effective learning-rate change, which tuning partly recovers for either net (§2) | van Laarhoven 2017; Arora, Li and Lyu 2019 |
-# | 2. less overfitting | weakly, and not through noise | the held-out loss ends lower, by about as much as weight decay lowers it, and batch norm with noise-free statistics ends at the same loss (§5) | accuracy: every net memorizes the training set and the held-out accuracy does not move (§5) | Ioffe and Szegedy 2015; Luo et al. 2019 |
+# | 1. robust to poor initialization | partly, mostly with SGD | weights too small, trained with SGD: the plain net's forward pass dies and no learning rate saves it (§2) | with Adam the plain net trains from tiny weights too, far above chance though below batch norm on average and unreliably across seeds; weights too large: both lose against He's scale, tuned; batch norm's chosen rate barely moves with the gain, so the sweep does not show the initial scale acting as an inverse learning rate (§2) | van Laarhoven 2017; Arora, Li and Lyu 2019 |
+# | 2. less overfitting | weakly, and mostly not through noise | the held-out loss ends lower, by as much as weight decay lowers it or more, and batch norm with noise-free statistics keeps most of that reduction (§5) | accuracy: every net memorizes the training set, and batch norm's held-out accuracy gain is small, detected on some seed sets only (§5); whether noise adds to the reduction is not resolved | Ioffe and Szegedy 2015; Luo et al. 2019 |
 # | 3. no vanishing/exploding gradients | at moderate depth, or with skips | 12 layers: flat gradients at any scale, and the sigmoid net's forward collapse undone (§3a) | deep plain nets: batch norm makes gradients explode at init, about 1.21x per layer for ReLU; a 40-layer plain ReLU net does not train in this budget at any rate tried, with or without batch norm (§3b) | Yang et al. 2019; De and Smith 2020 |
 #
 # And what the notes do not claim:
 #
-# - *What batch norm buys most, on this evidence*: learning rates up to ten times
-#   larger than a He-initialized plain network on standardized inputs tolerates (§1;
-#   Bjorck et al. 2018); not a wider range below it, and not a better optimum.
-# - *A smoother landscape* (Santurkar et al. 2018) is *not* measured here against that
-#   baseline (§4): batch norm's loss is no more predictable along the gradient, per
-#   unit of promised decrease, and its gradient change per unit step is about the same.
+# - *What batch norm buys most, on this evidence*: learning rates larger than a
+#   He-initialized plain network on standardized inputs tolerates (§1; Bjorck et al.
+#   2018); not a wider range below it, and at the optimum a small gain at most
+#   (paired, detected on some seed sets only).
+# - *A more predictable landscape* (Santurkar et al. 2018), weakly (§4): per unit of
+#   promised decrease, batch norm's loss departs less from the gradient's first-order
+#   prediction along the step (detected); its gradient change per unit step is lower
+#   on average, detected on some seed sets only.
 # - *The paper's Figure 1 reproduces* (§6): stable input distributions and faster
 #   training come together; but noisy batch norm, whose inputs move at every step,
 #   trains as fast, so the stability is not the cause (Santurkar et al. 2018).
-# - *Small batches* (§7): batch norm matches the plain net from 16 up, starts to
-#   fall behind at 8 and 4, and breaks at 2; renormalization (Ioffe 2017) mends part of that at 2, the
-#   evaluation remedies (population or unbiased statistics, batch statistics; Wu and
-#   Johnson 2021) little or nothing.
+# - *Small batches* (§7): no difference from the plain net is detected at 16; at 32
+#   and 8 batch norm is lower on average (detected on some seed sets), at 4 lower
+#   (detected), and at 2 it breaks; renormalization (Ioffe 2017) mends part of that at
+#   2, the evaluation remedies (population or unbiased statistics, batch statistics;
+#   Wu and Johnson 2021) little or nothing.
 #
 # References: Ioffe and Szegedy 2015, "Batch Normalization: Accelerating Deep Network
 # Training by Reducing Internal Covariate Shift"; Ioffe 2017, "Batch Renormalization";
@@ -1362,28 +1494,20 @@ plt.show()
 # Networks"; Wu and Johnson 2021, "Rethinking 'Batch' in BatchNorm".
 
 # %% [markdown]
-# The statements above, checked each time the notebook runs, with these margins: "A
-# is higher than B" means the difference of the seed means exceeds twice its standard
-# error (`sqrt(var_A / n + var_B / n)` over the seeds, a two-sided test at about 5%);
-# "A and B agree" means the difference is under three standard errors, or under one
-# evaluation digit; "on every seed" compares seeds one by one. They were checked with
-# `SEEDS = [0, 1, 2, 3, 4]` and with the disjoint `[5, 6, 7, 8, 9]`.
+# The statements above, checked each time the notebook runs, with these margins. Every
+# arm of an experiment shares each seed's initial weights and batch order, so arms are
+# compared seed by seed: "A is higher than B" (*detected*) means the mean of the paired
+# differences exceeds `T975` standard errors, Student's t for a two-sided test at 5%
+# with `n - 1` degrees of freedom (printed with the first table that uses it; 2.78 for
+# 5 seeds, not 2); "no difference detected" means it is within `T975` standard errors
+# or one evaluation digit (the resolution, for seeds that all tie), which says that
+# the seeds lack the power to tell, not that the difference is 0; "on every seed"
+# compares seeds one by one. Where a difference is detected on some seed sets and not
+# on others, only its direction ("not lower") is asserted, and the prose says so.
+# They were checked with `SEEDS` shifted by 0, 1000, 2000 and 3000.
 
 
 # %%
-def se(a, b):
-    """Standard error of the difference of the seed means of a and b."""
-    return np.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b))
-
-
-def higher(a, b):
-    return np.mean(a) - np.mean(b) > 2 * se(a, b)
-
-
-def agree(a, b, digit):
-    return abs(np.mean(a) - np.mean(b)) < max(3 * se(a, b), digit)
-
-
 TEST_DIGIT, HELD_DIGIT = 1 / len(X_test), 1 / len(X_held)
 # §1: upward, BN trains at least one grid step (sqrt(10)) beyond the plain net, and
 # where every plain seed diverges; it fails at the largest rate without a NaN
@@ -1395,21 +1519,26 @@ assert not sweep[True]["diverged"][:, J_HE].any() and (sweep[True]["val"][:, J_H
 # ... downward, no gain: BN's range starts no lower, and it is not higher at the lowest rate
 assert bn.min() >= pl.min()
 assert not higher(sweep[True]["test"][:, J_HE, 0], sweep[False]["test"][:, J_HE, 0])
-# ... at their chosen rates they agree; the plain net's chosen rate is inside the grid
+# ... at their chosen rates the plain net is not higher (BN's small gain is detected
+# on some seed sets only); the plain net's chosen rate is inside the grid
 (k_pl, a_pl), (k_bn, a_bn) = chosen(sweep, False, J_HE), chosen(sweep, True, J_HE)
-assert agree(a_bn, a_pl, TEST_DIGIT) and 0 < k_pl < len(LRS) - 1, (a_bn, a_pl, k_pl)
-# §2: SGD from tiny weights: the plain net stays near chance, BN trains as from He's
+assert not higher(a_pl, a_bn) and 0 < k_pl < len(LRS) - 1, (a_bn, a_pl, k_pl)
+# §2: SGD from tiny weights: the plain net stays near chance (0.1: every seed under
+# 0.2), and BN's accuracy shows no difference detected from its He accuracy
 assert (best["SGD", False, 0.01][1] < 0.2).all()
 assert agree(best["SGD", True, 0.01][1], best["SGD", True, 1.0][1], TEST_DIGIT)
-# ... with Adam the plain net trains from tiny weights (every seed above 0.85), though
-# below BN there
-assert (best["Adam", False, 0.01][1] > 0.85).all()
-assert higher(best["Adam", True, 0.01][1], best["Adam", False, 0.01][1])
-# ... large weights: both lose against He's scale, the plain net more with SGD; BN's
-# chosen rate is at least its rate at He's scale
+# ... with Adam the plain net trains from tiny weights, far above chance on every seed
+# (above 0.3, three times chance: its narrow optimum makes some seeds end near 0.5),
+# and is not higher than BN there
+assert (best["Adam", False, 0.01][1] > 0.3).all(), best["Adam", False, 0.01]
+assert not higher(best["Adam", False, 0.01][1], best["Adam", True, 0.01][1])
+# ... large weights: both lose against He's scale with SGD (detected); the plain net is
+# not higher than BN at gain 10 with either optimizer; BN's chosen SGD rate does not
+# fall with the gain (it rises by at most a grid step, printed)
 for b in (False, True):
     assert higher(best["SGD", b, 1.0][1], best["SGD", b, 10.0][1]), b
-assert higher(best["SGD", True, 10.0][1], best["SGD", False, 10.0][1])
+for opt_name in ("SGD", "Adam"):
+    assert not higher(best[opt_name, False, 10.0][1], best[opt_name, True, 10.0][1]), opt_name
 assert best["SGD", True, 10.0][0] >= best["SGD", True, 1.0][0]
 k10 = int(np.argmax(sweep[False]["val"][:, list(GAINS).index(10.0)].mean(0)))
 assert 0 < k10 < len(LRS) - 1, LRS[k10]  # the plain net's optimum inside the grid
@@ -1436,24 +1565,37 @@ for arm in ((True, False, False), (True, True, False)):
     assert deep_test[DEEP_ARMS.index(arm)].mean(1).max() < 0.5, arm
     assert higher(acc_of[True, True, True], acc_of[arm]), arm
 assert deep_nan[DEEP_ARMS.index((True, False, True))].all()
-# §4: with BN the gradient is not smaller, the normalized loss range not lower, and the
-# gradient change per unit step not consistently lower, in (seed, step) pairs
-assert lower["grad_norm"].mean() < 0.5 and lower["range"].mean() < 0.5
-assert lower["change"].mean() < 0.75, lower["change"].mean()
-# ... noisy BN trains (its loss falls tenfold) and its gradient is no less predictive
+# §4: with BN the gradient is larger (BN lower in under half the (seed, step) pairs);
+# the first-order error is lower with BN in most pairs and detected lower, paired over
+# the seeds on the log of each seed's median; the gradient change per unit step is not
+# detectably higher with BN
+med = {n: {k: np.log(np.median(r[k], 1)) for k in lower} for n, r in land.items()}
+assert lower["grad_norm"].mean() < 0.5, lower["grad_norm"].mean()
+assert lower["first_order"].mean() > 0.5, lower["first_order"].mean()
+assert higher(med["without BN"]["first_order"], med["with BN"]["first_order"])
+assert not higher(med["with BN"]["change"], med["without BN"]["change"])
+# ... noisy BN trains (its loss falls tenfold) and its gradient is not detectably
+# less predictive than BN's
 noisy = land["noisy BN"]
 assert (noisy["loss"][:, -20:].mean(1) < 0.1 * noisy["loss"][:, :5].mean(1)).all()
-per_seed_change = {n: np.median(r["change"], 1) for n, r in land.items()}
-assert not higher(per_seed_change["noisy BN"], per_seed_change["with BN"])
-# §5: every net memorizes; held-out accuracy agrees; BN's held-out loss is lower, as
-# weight decay's is and as it is with noise-free statistics; dropout's is not lower
+assert not higher(med["noisy BN"]["change"], med["with BN"]["change"])
+# §5: every net memorizes; BN's held-out accuracy is not lower; BN's held-out loss is
+# lower (detected), not detectably above weight decay's, and noise-free statistics
+# also end lower than no BN (detected) and not detectably below BN; no reduction from
+# dropout is detected
 final = {n: (tr[:, -1], va[:, -1], vl[:, -1]) for n, (tr, va, vl) in overfit.items()}
 assert all((v[0] > 0.999).all() for v in final.values())
-assert agree(final["with BN"][1], final["without BN"][1], HELD_DIGIT)
+assert not higher(final["without BN"][1], final["with BN"][1])
 assert higher(final["without BN"][2], final["with BN"][2])
-assert agree(final["weight decay"][2], final["with BN"][2], HELD_DIGIT)
 assert higher(final["without BN"][2], final["weight decay"][2])
-assert agree(final["BN, noise-free statistics"][2], final["with BN"][2], HELD_DIGIT)
+assert not higher(final["with BN"][2], final["weight decay"][2])
+assert higher(final["without BN"][2], final["BN, noise-free statistics"][2])
+assert not higher(final["with BN"][2], final["BN, noise-free statistics"][2])
+# ... "most" of the reduction: the share kept, a point estimate of the paired means
+share = paired(final["without BN"][2], final["BN, noise-free statistics"][2])[0] / paired(
+    final["without BN"][2], final["with BN"][2]
+)[0]
+assert share > 0.5, share
 assert not higher(final["without BN"][2], final["dropout"][2])
 # §6: with BN the unit's input moves less, on every seed, and accuracy comes sooner;
 # noisy BN's moves more than BN's, on every seed, and its accuracy comes as soon
@@ -1462,19 +1604,21 @@ assert moved["with BN"][1].max() < moved["without BN"][1].min()
 assert moved["noisy BN"][1].min() > moved["with BN"][1].max()
 assert first_09["with BN"].max() < first_09["without BN"].min()
 assert first_09["noisy BN"].max() < first_09["without BN"].min()
-# §7: at batch 2 BN breaks training, and no evaluation remedy mends it; at 4 and 8 it
-# is not higher than no BN; from 16 up they agree
+# §7: at batch 2 BN breaks training, and no evaluation remedy mends it; at 4 no BN is
+# higher (detected); at 8 and 32 BN is not higher; at 16 no difference is detected
 for name in SMALL_ARMS[1:]:
     assert higher(small[2, "no BN"], small[2, name]), name
-for b in (4, 8):
+assert higher(small[4, "no BN"], small[4, "BN"])
+for b in (8, 32):
     assert not higher(small[b, "BN"], small[b, "no BN"]), b
-for b in (16, 32):
-    assert agree(small[b, "BN"], small[b, "no BN"], HELD_DIGIT), b
-# ... batch statistics are worse below 32; renorm
-# gains at 2 and not from 4 up; ghost BN agrees with BN at 128
+assert agree(small[16, "BN"], small[16, "no BN"], HELD_DIGIT)
+# ... population statistics never detectably worse than the running ones; batch
+# statistics worse below 32; renorm gains at 2 and not from 4 up; ghost BN not worse
+for b in BATCHES:
+    assert not higher(small[b, "BN"], small[b, "BN, population stats"]), b
 for b in BATCHES[:-1]:
     assert higher(small[b, "BN"], small[b, "BN, batch statistics"]), b
 assert higher(small[2, "BN, renorm"], small[2, "BN"])
-assert all(agree(small[b, "BN, renorm"], small[b, "BN"], HELD_DIGIT) for b in BATCHES[1:])
-assert agree(small[128, "ghost BN (16)"], small[128, "BN"], HELD_DIGIT)
+assert not any(higher(small[b, "BN, renorm"], small[b, "BN"]) for b in BATCHES[1:])
+assert not higher(small[128, "BN"], small[128, "ghost BN (16)"])
 print(f"all checks passed; the notebook ran in {time.perf_counter() - T_START:.0f} s")
