@@ -339,9 +339,9 @@ def _markdown_row(row: dict) -> str:
         " / ".join(f"{p[k]:.2f}" for k in phases),
         " / ".join(f"{j[k]:.2f}" for k in phases),
         f"**{_first_step(j) / _first_step(p):.2f}x** (trace {j['trace'] / p['trace']:.2f}x)",
-        f"{p['equations']} / {j['equations']}",
-        f"{p['stablehlo_chars'] // 1000}k / {j['stablehlo_chars'] // 1000}k",
-        f"{p['hlo_instructions']} / {j['hlo_instructions']}",
+        f"{p['equations']:.0f} / {j['equations']:.0f}",
+        f"{p['stablehlo_chars'] / 1000:.0f}k / {j['stablehlo_chars'] / 1000:.0f}k",
+        f"{p['hlo_instructions']:.0f} / {j['hlo_instructions']:.0f}",
     ]
     return "| " + " | ".join(cells) + " |"
 
