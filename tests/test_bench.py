@@ -164,6 +164,7 @@ def test_gpu_script_runs_on_cpu_when_asked(tmp_path, capsys):
     has_torch = importlib.util.find_spec("torch") is not None
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
     argv = ["--allow-cpu", "--shape", "4x8x3x3:1", "--reps", "1", "--warmup", "0"]
+    argv += ["--kernelbench-shape", "2x4x3x3"]
     assert gpu_bench.main(argv + ["--json", str(out), "--markdown", str(md)]) == 0
     assert "jaxbn/torch" in capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -174,3 +175,11 @@ def test_gpu_script_runs_on_cpu_when_asked(tmp_path, capsys):
     assert {"min_copy_fraction", "max_vs_torch", "max_vs_flax", "met"} <= set(result["gpu_targets"])
     table = md.read_text().splitlines()
     assert table[0].startswith("| shape, feature axis | dtype | fwd |") and len(table) == 3
+    # KernelBench level1/33 beside the copy of its bytes (and PyTorch's eager forward)
+    kb = result["kernelbench"]
+    layouts = {
+        f"jaxbn {lay} {m}" for lay in ("NCHW", "channels-last") for m in ("fwd", "bwd", "fwd+bwd")
+    }
+    assert layouts | {"jax copy of 3 S"} <= set(kb["ms"]) and kb["shape"] == [2, 4, 3, 3]
+    assert ("torch eager NCHW fwd" in kb["ms"]) == has_torch
+    assert all(ms > 0 for ms in kb["ms"].values())
