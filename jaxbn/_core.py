@@ -203,10 +203,13 @@ def _renorm_rd(mean, rstd, renorm: Renorm, eps):
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def moments(spec: Spec, x, mask) -> _stats.Moments:
-    """The batch statistics, in the form of the platform the program is lowered for."""
-    args = (spec.axes, spec.axis_name, spec.groups)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def moments(x, mask, axes: tuple[int, ...], axis_name=None, groups=None) -> _stats.Moments:
+    """The batch statistics (``mean = shift + delta``, ``var``, ``count``) of ``x`` over
+    every axis but ``axes``, differentiable, in the form of the platform the program is
+    lowered for. The rule, ``batch_renorm``, Equinox's ``ema`` mode and
+    ``population_stats`` all take their statistics from here."""
+    args = (axes, axis_name, groups)
     return per_platform(
         lambda x, m: _cpu.moments(x, m, *args),
         lambda x, m: _stats.moments(x, m, *args),
@@ -218,17 +221,15 @@ def moments(spec: Spec, x, mask) -> _stats.Moments:
 
 @moments.defjvp
 @standard_promotion
-def _moments_jvp(spec: Spec, primals, tangents):
+def _moments_jvp(axes, axis_name, groups, primals, tangents):
     x, mask = primals
-    mo = moments(spec, x, mask)
-    return mo, _stats.moments_tangent(
-        x, mask, spec.axes, spec.axis_name, spec.groups, mo, tangents[0]
-    )
+    mo = moments(x, mask, axes, axis_name, groups)
+    return mo, _stats.moments_tangent(x, mask, axes, axis_name, groups, mo, tangents[0])
 
 
 def forward(spec: Spec, x, gamma, beta, residual=None, mask=None, renorm=None, fallback=None):
     """``((z, mean, var, n), saved)``: the rule's outputs and what its backward reads."""
-    mo = moments(spec, x, mask)
+    mo = moments(x, mask, spec.axes, spec.axis_name, spec.groups)
     if mask is not None:  # a feature that no value counts for: see the module docstring
         fb_mean, fb_var = (0.0, 1.0) if fallback is None else fallback
         # every operand of the selects typed like the statistics (sharded like x's

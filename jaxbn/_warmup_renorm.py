@@ -40,6 +40,7 @@ from jax.typing import ArrayLike
 from jaxbn import _checks
 from jaxbn._batch_norm import batch_norm
 from jaxbn._compat import standard_promotion
+from jaxbn._core import moments
 from jaxbn._state import BatchNormState, check_state, update
 
 
@@ -99,12 +100,14 @@ def batch_renorm(
     if not training:
         return batch_norm(x, gamma, beta, state, training=False, **common)
     x = _checks.check_x(x)
-    state = check_state(state, tuple(x.shape[a] for a in _checks.normalize_axes(axis, x.ndim)))
-    _, batch = batch_norm(  # the batch's statistics, differentiable (exact tangents)
-        x, None, None, state, training=True, momentum=0.0, custom_vjp=False,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, **common,
-    )  # fmt: skip
-    mean_b, var_b = batch.mean, batch.var
+    axes = _checks.normalize_axes(axis, x.ndim)
+    state = check_state(state, tuple(x.shape[a] for a in axes))
+    axis_name = _checks.check_axis_name(axis_name)
+    groups = _checks.check_groups(axis_index_groups, axis_name)
+    reduced = [a for a in range(x.ndim) if a not in axes]
+    _checks.check_batch_size(x.shape, reduced, axis_name, groups)
+    mo = moments(x, None, axes, axis_name, groups)  # differentiable (exact tangents)
+    mean_b, var_b = mo.mean.astype(state.mean.dtype), mo.var.astype(state.var.dtype)
     dt = var_b.dtype
     mean_r, var_r = state.mean.astype(mean_b.dtype), state.var.astype(dt)
     std_r = jnp.sqrt(var_r + eps)

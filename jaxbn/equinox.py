@@ -32,7 +32,8 @@ import numpy as np
 from jaxbn import _checks
 from jaxbn._batch_norm import batch_norm, normalize
 from jaxbn._checks import UnboundAxisNameError
-from jaxbn._state import BatchNormState, update
+from jaxbn._core import moments
+from jaxbn._state import BatchNormState, unbiased, update
 
 __all__ = ["BatchNorm", "UnboundAxisNameError"]
 
@@ -328,28 +329,33 @@ class BatchNorm(eqx.nn.BatchNorm):
             custom_vjp=self.custom_vjp,
         )
         if self.mode == "ema":
-            return self._ema(x, state, running, train, axis)
+            return self._ema(x, state, running, axis)
         assert self.batch_state_index is not None and self.batch_counter is not None
         y, new = train(self.weight, self.bias, running)
         state = state.set(self.batch_counter, new.count)
         state = state.set(self.batch_state_index, (new.mean, new.var))
         return y, state
 
-    def _ema(self, x, state, running, train, axis):
+    def _ema(self, x, state, running, axis):
         """Equinox's ``"ema"`` training step: normalize with the running average itself.
 
         The statistics are ``momentum * running + (1 - momentum) * batch`` (the
         batch's alone on the first call), differentiated through the batch's part, as
-        Equinox's layer is by autodiff; they are also the new state. All of it is
-        the core's: the batch's statistics from its training step with momentum 0
-        (differentiable with ``custom_vjp=False``), its running-statistics update,
-        then its evaluation with the result.
+        Equinox's layer is by autodiff; they are also the new state. The batch's
+        statistics come from the core's one statistics function (``jaxbn._core.moments``,
+        differentiable), then its running-statistics update, then its evaluation with
+        the result: one pass for the statistics and one for ``y``.
         """
         assert self.ema_first_time_index is not None and self.ema_state_index is not None
         first = state.get(self.ema_first_time_index)
-        _, batch = train(None, None, running, momentum=0.0, custom_vjp=False)
-        blend = update(running, batch.mean, batch.var, None, self.momentum)
-        mean, var = (jax.lax.select(first, b, e) for b, e in zip(batch[:2], blend[:2]))
+        reduced = [a for a in range(x.ndim) if a != axis]
+        _checks.check_batch_size(x.shape, reduced, self.axis_name, allow_one=True)
+        mo = moments(x, None, (axis,), self.axis_name)
+        dt = running.var.dtype
+        batch_var = unbiased(mo.var, mo.count) if self.unbiased_running_var else mo.var
+        batch = (mo.mean.astype(dt), batch_var.astype(dt))
+        blend = update(running, *batch, None, self.momentum)
+        mean, var = (jax.lax.select(first, b, e) for b, e in zip(batch, blend[:2]))
         stats = BatchNormState(mean, var, running.count)
         y, _ = batch_norm(x, self.weight, self.bias, stats, training=False, axis=axis, eps=self.eps)
         state = state.set(self.ema_first_time_index, jnp.array(False))
