@@ -414,7 +414,8 @@ for bn in (False, True):
     )
 (_, a_pl), (_, a_bn) = chosen(sweep, False, J_HE), chosen(sweep, True, J_HE)
 print(
-    "at their chosen rates, BN minus no BN, paired by seed: " + paired_text(a_bn, a_pl)
+    "at their chosen rates, BN minus no BN, paired by seed: "
+    + paired_text(a_bn, a_pl)
     + f"; BN higher on {n_of(a_bn > a_pl)} seeds, lower on {n_of(a_bn < a_pl)}"
 )
 
@@ -981,20 +982,27 @@ print(
 )
 # per seed (the median over its steps), paired: on how many seeds BN is lower
 lower_seeds = {
-    key: np.median(land["with BN"][key], 1) < np.median(land["without BN"][key], 1)
-    for key in lower
+    key: np.median(land["with BN"][key], 1) < np.median(land["without BN"][key], 1) for key in lower
 }
 print(
     "with BN lower than without, per seed (median over steps): "
     + ", ".join(f"{key} {n_of(v)}" for key, v in lower_seeds.items())
 )
 for key in lower:  # paired over the seeds, on the log of each seed's median
-    print(f"  {key}, log(with BN / without BN): " + paired_text(
-        np.log(np.median(land["with BN"][key], 1)), np.log(np.median(land["without BN"][key], 1))
-    ))
-print("  change, log(noisy BN / with BN): " + paired_text(
-    np.log(np.median(land["noisy BN"]["change"], 1)), np.log(np.median(land["with BN"]["change"], 1))
-))
+    print(
+        f"  {key}, log(with BN / without BN): "
+        + paired_text(
+            np.log(np.median(land["with BN"][key], 1)),
+            np.log(np.median(land["without BN"][key], 1)),
+        )
+    )
+print(
+    "  change, log(noisy BN / with BN): "
+    + paired_text(
+        np.log(np.median(land["noisy BN"]["change"], 1)),
+        np.log(np.median(land["with BN"]["change"], 1)),
+    )
+)
 
 # %% [markdown]
 # **What it shows.** On this problem, against a plain network on standardized inputs
@@ -1126,8 +1134,10 @@ for label, (a, b, k) in {
 }.items():
     print(f"  {label:38}{paired_text(final_of[a][k], final_of[b][k])}")
 kept = paired(final_of["without BN"][2], final_of["BN, noise-free statistics"][2])[0]
-print(f"share of BN's held-out loss reduction that noise-free statistics keep: "
-      f"{kept / paired(final_of['without BN'][2], final_of['with BN'][2])[0]:.0%}")
+print(
+    f"share of BN's held-out loss reduction that noise-free statistics keep: "
+    f"{kept / paired(final_of['without BN'][2], final_of['with BN'][2])[0]:.0%}"
+)
 
 # %% [markdown]
 # **What it shows.** Every network fits all of its training digits: batch norm does not
@@ -1592,9 +1602,10 @@ assert not higher(final["with BN"][2], final["weight decay"][2])
 assert higher(final["without BN"][2], final["BN, noise-free statistics"][2])
 assert not higher(final["with BN"][2], final["BN, noise-free statistics"][2])
 # ... "most" of the reduction: the share kept, a point estimate of the paired means
-share = paired(final["without BN"][2], final["BN, noise-free statistics"][2])[0] / paired(
-    final["without BN"][2], final["with BN"][2]
-)[0]
+share = (
+    paired(final["without BN"][2], final["BN, noise-free statistics"][2])[0]
+    / paired(final["without BN"][2], final["with BN"][2])[0]
+)
 assert share > 0.5, share
 assert not higher(final["without BN"][2], final["dropout"][2])
 # §6: with BN the unit's input moves less, on every seed, and accuracy comes sooner;

@@ -51,10 +51,10 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+import scipy.stats
 from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-import scipy.stats
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -294,6 +294,7 @@ runs = {
 # rounding alone carries a free run, but it takes another rounding path than the
 # variants do, so it bounds nothing and no assertion uses it.
 
+
 # %%
 def as64(tree):
     """tree with its float32 leaves as float64 NumPy arrays (the others unchanged)."""
@@ -368,7 +369,10 @@ def rel_diff(a, b):
     """Per step (the leading axis): the largest difference over the trees' float leaves,
     over the largest |value| of b's float leaves at that step (the kind's scale)."""
     pairs = [
-        (np.asarray(u, np.float64).reshape(len(u), -1), np.asarray(v, np.float64).reshape(len(v), -1))
+        (
+            np.asarray(u, np.float64).reshape(len(u), -1),
+            np.asarray(v, np.float64).reshape(len(v), -1),
+        )
         for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
         if np.issubdtype(np.asarray(v).dtype, np.floating)
     ]
@@ -481,7 +485,9 @@ for n in runs:
     for what, v in (("test accuracy", acc), ("loss, last 10 steps", late)):
         dv = v[n] - v["one device"]
         half = T975 * np.std(dv, ddof=1) / np.sqrt(len(dv))
-        print(f"  {n:36}{what:22}{dv.mean():+.4f} [{dv.mean() - half:+.4f}, {dv.mean() + half:+.4f}]")
+        print(
+            f"  {n:36}{what:22}{dv.mean():+.4f} [{dv.mean() - half:+.4f}, {dv.mean() + half:+.4f}]"
+        )
 dv = acc["8 devices, local statistics"] - acc["one device"]
 upper = dv.mean() + T975 * np.std(dv, ddof=1) / np.sqrt(len(dv))
 print(

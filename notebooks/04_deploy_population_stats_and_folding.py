@@ -241,7 +241,10 @@ def bn_inputs(params, x):
 
 bn_inputs_k = jax.jit(lambda params_k, x: lax.map(lambda p: bn_inputs(p, x), params_k))
 chunks = np.split(np.asarray(x_train), 3)
-print(f"{len(SEEDS)} seeds {SEEDS}, {STEPS} steps of {BATCH}, momentum {MOMENTUM}; chunks", [len(c) for c in chunks])
+print(
+    f"{len(SEEDS)} seeds {SEEDS}, {STEPS} steps of {BATCH}, momentum {MOMENTUM}; chunks",
+    [len(c) for c in chunks],
+)
 population_k = jaxbn.population_stats(lambda b: bn_inputs_k(params_k, b), chunks, axis=(0, -1))
 
 STATS = {
@@ -418,9 +421,11 @@ assert max(a[:, CHECKPOINTS <= 2].mean(0).max() for a in acc.values()) < 0.25
 bias_early = effect[BIAS][:, early].mean(1)
 t_bias = bias_early.mean() / (np.std(bias_early, ddof=1) / np.sqrt(n))
 gain = acc["population"] - acc["EMA"]
-print(f"bias correction, steps 3-10: gain {bias_early.mean():+.3f} (paired t {t_bias:.1f}: "
-      f"{'detected' if t_bias > T975 else 'not detected'} at threshold {T975:.2f}), "
-      f"{bias_early.mean() / gain[:, early].mean():.0%} of population's")
+print(
+    f"bias correction, steps 3-10: gain {bias_early.mean():+.3f} (paired t {t_bias:.1f}: "
+    f"{'detected' if t_bias > T975 else 'not detected'} at threshold {T975:.2f}), "
+    f"{bias_early.mean() / gain[:, early].mean():.0%} of population's"
+)
 assert bias_early.mean() > 0.5 * gain[:, early].mean() > 0, (bias_early, gain[:, early])
 # lag: with the current weights, better from step 5 on in every seed (the mean over
 # those checkpoints above 2 test images, 0.0044, so that no tie counts)
@@ -433,8 +438,10 @@ assert ratio[:, later].min() > 1, ratio
 # checkpoints, so that the family keeps its 5%), or one test image
 T_ALL = scipy.stats.t.ppf(1 - 0.025 / len(CHECKPOINTS), n - 1)
 noise_se = np.std(effect[NOISE], 0, ddof=1) / np.sqrt(n)
-print(f"noise: largest |mean| / (T_ALL se + one image) over the checkpoints "
-      f"{np.max(np.abs(effect[NOISE].mean(0)) / (T_ALL * noise_se + IMAGE)):.2f} (must be < 1)")
+print(
+    f"noise: largest |mean| / (T_ALL se + one image) over the checkpoints "
+    f"{np.max(np.abs(effect[NOISE].mean(0)) / (T_ALL * noise_se + IMAGE)):.2f} (must be < 1)"
+)
 assert np.all(np.abs(effect[NOISE].mean(0)) <= T_ALL * noise_se + IMAGE), effect[NOISE].mean(0)
 for m in sorted({MOMENTUM, 0.99}):
     print(f"momentum {m}: weight on the start after 100 updates {m**100:.1e},", end=" ")
@@ -453,7 +460,9 @@ for m in sorted({MOMENTUM, 0.99}):
 k = len(CHECKPOINTS) - 1  # the first seed, last step
 params = jax.tree.map(lambda a: a[k], params_k)
 population = tuple(jaxbn.BatchNormState(p.mean[k], p.var[k], p.count) for p in population_k)
-as64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64) if a.dtype == np.float32 else a, t)  # noqa: E731
+as64 = lambda t: jax.tree.map(
+    lambda a: np.asarray(a, np.float64) if a.dtype == np.float32 else a, t
+)  # noqa: E731
 with jax.enable_x64(True):
     first_inputs = jax.jit(lambda b: bn_inputs(as64(params), b)[0])
     chunks64 = [np.asarray(c, np.float64) for c in chunks]
@@ -461,8 +470,10 @@ with jax.enable_x64(True):
     got = jaxbn.population_stats(first_inputs, chunks64, dtype=jnp.float64)
     got_mean, got_var = np.asarray(got.mean), np.asarray(got.var)
 want_mean, want_var = first.mean((0, 1, 2)), first.var((0, 1, 2))
-err = max(np.abs(got_var - want_var).max() / want_var.max(),
-          np.abs(got_mean - want_mean).max() / np.abs(want_mean).max())
+err = max(
+    np.abs(got_var - want_var).max() / want_var.max(),
+    np.abs(got_mean - want_mean).max() / np.abs(want_mean).max(),
+)
 print(f"float64: largest relative error of the first layer's mean and variance vs NumPy: {err:.1e}")
 # float64 unit roundoff 1.1e-16; merging 3 chunks' (count, mean, M2) exactly in
 # arithmetic, each a sum of 449 x 8 x 8 = 28736 values: a sum of n terms is off by at
@@ -495,7 +506,9 @@ diff = float(jnp.max(jnp.abs(logits - logits_folded)) / jnp.max(jnp.abs(logits))
 same = float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(logits_folded, -1)))
 print(f"float32: max relative difference of the logits {diff:.1e}; same predictions {same:.0%}")
 # the same function? checked in float64, where rounding cannot hide a difference
-as64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64) if a.dtype == np.float32 else a, t)  # noqa: E731
+as64 = lambda t: jax.tree.map(
+    lambda a: np.asarray(a, np.float64) if a.dtype == np.float32 else a, t
+)  # noqa: E731
 with jax.enable_x64(True):
     params64, population64, x64 = as64(params), as64(population), np.asarray(x_test, np.float64)
     logits64 = np.asarray(eval_bn(params64, population64, x64))

@@ -287,9 +287,13 @@ def same_step_f64(carry, x, y):
 # most 4.5e-10, so 1e-9. A real difference (another statistic, a wrong derivative) is
 # of order one.
 F64_BOUND = 1e-9
-at_init = {seed: same_step_f64(init(seed), *(a[batch_indices(seed, len(x_train), BATCH, 1)[0]]
-                                            for a in (data.x_train, data.y_train)))
-           for seed in SEEDS}
+at_init = {
+    seed: same_step_f64(
+        init(seed),
+        *(a[batch_indices(seed, len(x_train), BATCH, 1)[0]] for a in (data.x_train, data.y_train)),
+    )
+    for seed in SEEDS
+}
 print(f"at init, float64, largest over {len(SEEDS)} seeds of the difference to arm a:")
 print(f"{'':{W + 3}}{'loss':>10}{'stats':>10}{'grads':>10}")
 for arm in ARMS:
@@ -458,7 +462,9 @@ residuals = {arm: residual_bytes(arm, *carry0[:2], xb, yb) for arm in ARMS}
 temp = {arm: steps[arm].memory_analysis().temp_size_in_bytes for arm in ARMS}
 activation = BATCH * 8 * 8 * 16 * 4
 values = BATCH * 8 * 8 * 16, BATCH * 8 * 8 * 16, BATCH * 4 * 4 * 32  # per block
-print(f"one activation: blocks 1-2 {4 * values[0] / 1024:.0f} KiB, block 3 {4 * values[2] / 1024:.0f} KiB")
+print(
+    f"one activation: blocks 1-2 {4 * values[0] / 1024:.0f} KiB, block 3 {4 * values[2] / 1024:.0f} KiB"
+)
 print(f"{'':{W + 3}}{'residuals KiB':>14}{'/ a':>6}{'activations':>13}{'temp KiB':>10}{'/ a':>6}")
 for arm in ARMS:
     print(
