@@ -238,7 +238,9 @@ def forward(spec: Spec, x, gamma, beta, residual=None, mask=None, renorm=None, f
         like = jnp.zeros_like(mo.var)
         seen = (mo.count > 0) | (like != 0)
         mo = _stats.Moments(
-            jnp.where(seen, mo.shift, like.astype(mo.shift.dtype) + fb_mean),
+            jnp.where(
+                seen, mo.shift, like.astype(mo.shift.dtype) + jnp.asarray(fb_mean, mo.shift.dtype)
+            ),
             jnp.where(seen, mo.delta, 0),
             jnp.where(seen, mo.var, like + jnp.asarray(fb_var, mo.var.dtype)),
             mo.count,

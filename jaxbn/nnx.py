@@ -54,9 +54,9 @@ def _use_running_average(module, call) -> bool:
     value = module.use_running_average if call is None else call
     if value is None:
         raise ValueError(
-            "use_running_average is None both on the module and at call time; pass "
-            "use_running_average=True/False to BatchNorm(...) or the call, or use "
-            "model.train() / model.eval()."
+            f"use_running_average is None both on the module and at call time; pass "
+            f"use_running_average=True/False to {type(module).__name__}(...) or the call, "
+            f"or use model.train() / model.eval()."
         )
     return _checks.check_use_running_average(value)
 
