@@ -100,6 +100,8 @@ def batch_renorm(
     if not training:
         return batch_norm(x, gamma, beta, state, training=False, **common)
     x = _checks.check_x(x)
+    if jnp.iscomplexobj(x):
+        raise TypeError(f"batch_renorm needs real x (r and d are clipped), got dtype {x.dtype}.")
     axes = _checks.normalize_axes(axis, x.ndim)
     state = check_state(state, tuple(x.shape[a] for a in axes))
     axis_name = _checks.check_axis_name(axis_name)

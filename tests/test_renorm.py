@@ -211,3 +211,9 @@ def test_batch_renorm_refuses_what_batch_norm_refuses_in_both_modes(training, kw
     x = jnp.ones((4, 3))
     with pytest.raises(ValueError, match=match):
         jaxbn.batch_renorm(x, None, None, jaxbn.init_state(3), training=training, **kw)
+
+
+def test_batch_renorm_refuses_complex_x_in_training():
+    x = jnp.ones((4, 3), jnp.complex64)
+    with pytest.raises(TypeError, match=r"batch_renorm needs real x .*got dtype complex64"):
+        jaxbn.batch_renorm(x, None, None, jaxbn.init_state(3), training=True)
